@@ -1,0 +1,1 @@
+"""Analysis callbacks (installed as ``overparam.callbacks``)."""

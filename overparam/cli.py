@@ -1,0 +1,217 @@
+"""The ``overparam`` command: LightningCLI's fit/validate/test/predict plus overparam's own.
+
+Tasks and DataModules are chosen in subclass mode (``--model TeacherStudent``,
+``--data MnistData``); plugins are imported before parsing so short names work. The
+DataModule's ``input_shape``, ``num_outputs`` and ``num_train`` (P) are linked to the Task.
+Runs log to ``runs/<task>/version_N/`` (CSV by default) with the resolved ``config.yaml``
+and checkpoints (``checkpoints/last.ckpt``). A bad value ends with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import warnings
+from typing import Any, NoReturn, Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from overparam.commands import COMMANDS
+from overparam.data import OverparamDataModule
+from overparam.errors import ConfigError, DivergenceError
+from overparam.registry import load_plugins, suggest
+from overparam.task import Task
+
+DEFAULT_RUNS_DIR = "runs"
+DEFAULT_RUN_NAME = "default"
+LINKED = ("input_shape", "num_outputs", "num_train")
+
+EPILOG = "overparam's own subcommands:\n" + "\n".join(
+    f"  {name:12s}{help_}" for name, (_, help_) in COMMANDS.items()
+)
+
+
+def condense_parser_error(message: str) -> str:
+    """One line out of jsonargparse's nested error report, with a suggestion for bad names."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
+    text = " ".join(lines)
+    bad_class = re.search(r'Problem with given class_path ["\']([^"\']+)["\']', text) or re.search(
+        r'Import path ([\w.]+) does not', text
+    )
+    key = re.search(r'Parser key "([^"]+)"', text) or re.search(r'key "([^"]+)"', text)
+    if bad_class and key and key.group(1).split(".")[0] in ("model", "data", "trainer", "callbacks"):
+        option = key.group(1)
+        kind = {"model": "tasks", "data": "datamodules"}.get(option.split(".")[0], "callbacks")
+        name = bad_class.group(1)
+        if "Expected a" in text or "does not" in text or "Unable to" in text or "not a subclass" in text:
+            return f"--{option}: unknown class {name!r}; {suggest(name.split('.')[-1], kind)}"
+    for pattern in (
+        r"Unrecognized arguments: .*",
+        r'No action for key "[^"]+"[^.]*',
+        r'Key "[^"]+" is required but not included in config object or its value is None',
+        r"Parser key \"[^\"]+\": Expected .*?(?=$| Given value type)",
+        r"Problem in default config file.*",
+        r"Unable to load config .*",
+    ):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0)[:400]
+    return text[:400]
+
+
+class OverparamArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with one-line errors instead of the usage wall."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"overparam: error: {condense_parser_error(message)}\n")
+        sys.exit(2)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves ``config.yaml`` into the run folder; with W&B it also goes to the run's config.
+
+    LightningCLI's saver writes into ``trainer.log_dir``; with WandbLogger that is W&B's own
+    folder, so the config is written to the logger's ``save_dir`` run folder instead and
+    sent to W&B as the run config (no file collision).
+    """
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                logger.experiment.config.update({"overparam_config": config}, allow_val_change=True)
+
+
+class OverparamCLI(LightningCLI):
+    """LightningCLI with overparam's Task/DataModule bases, links, defaults and summary."""
+
+    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
+        super().__init__(
+            Task,
+            OverparamDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": DEFAULT_RUNS_DIR, "name": DEFAULT_RUN_NAME},
+                },
+                "callbacks": [ModelCheckpoint(save_last=True)],
+                # Loaders are cheap views of resident tensors; rebuilding them every epoch lets
+                # the batch size change between epochs (batch-size switching, GD).
+                "reload_dataloaders_every_n_epochs": 1,
+                "log_every_n_steps": 10,
+            },
+            seed_everything_default=0,
+            parser_class=OverparamArgumentParser,
+            parser_kwargs={"prog": "overparam", "epilog": EPILOG, "formatter_class": _EpilogFormatter()},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--summary",
+            type=bool,
+            default=True,
+            help="After fit: test the final model and print N, P and the final train/test loss and error.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Name the default CSV run folder after the task: ``runs/<task>/version_N``."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        if isinstance(logger, (dict,)) or hasattr(logger, "init_args"):
+            init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+            if init_args.get("name") == DEFAULT_RUN_NAME:
+                task = str(config.model.class_path).rsplit(".", 1)[-1]
+                init_args["name"] = _snake(task)
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "summary") or self.trainer.interrupted or self.trainer.fast_dev_run:
+            return
+        train = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("train/")}
+        test = {}
+        if self.datamodule is not None and "test" in self.datamodule.splits:
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            test = results[0] if results else {}
+        self._print_summary(train, test)
+
+    @rank_zero_only
+    def _print_summary(self, train: dict[str, float], test: dict[str, float]) -> None:
+        model = self.model
+        rows = [f"N = {model.N:,}  P = {model.num_train:,}  K = {model.ensemble_size}"]
+        for split, values in (("train", train), ("test", test)):
+            loss, error = values.get(f"{split}/loss"), values.get(f"{split}/error")
+            if loss is not None:
+                rows.append(f"{split:5s} loss {loss:.6g}  error {error:.4%}")
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            rows.append(f"run folder: {log_dir}")
+        print("overparam summary: " + "\n                   ".join(rows))
+
+
+class _EpilogFormatter:
+    """Keeps the epilog's line breaks (jsonargparse's default formatter refills them)."""
+
+    def __call__(self, prog: str) -> Any:
+        from jsonargparse import DefaultHelpFormatter
+        import argparse
+
+        class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+            pass
+
+        return Formatter(prog)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _quiet_known_warnings() -> None:
+    # Resident tensors make these DataLoader-centred warnings irrelevant.
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*The number of training batches.*is smaller than the logging interval.*",
+        ".*Total length of .* across ranks is zero.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``overparam`` console script and ``python -m overparam``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[args[0]][0])
+        return _run_reporting_errors(lambda: module.main(args[1:]))
+    load_plugins()
+    _quiet_known_warnings()
+    return _run_reporting_errors(lambda: OverparamCLI(args=None if argv is None else args) and 0)
+
+
+def _run_reporting_errors(run: Any) -> int:
+    try:
+        return int(run() or 0)
+    except ConfigError as exc:
+        sys.stderr.write(f"overparam: error: {exc}\n")
+        return 2
+    except DivergenceError as exc:
+        sys.stderr.write(f"overparam: error: {exc}\n")
+        return 3
+    except FileNotFoundError as exc:
+        sys.stderr.write(f"overparam: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Curvature engine: Hessian, GGN and residual operators, Lanczos, SLQ (no Lightning inside)."""

@@ -1,0 +1,74 @@
+"""Width-scaled network builders and the parameter count N.
+
+Every builder returns a plain ``nn.Module`` without in-place state other than BatchNorm
+buffers, so ``torch.func.functional_call`` and ``vmap`` apply (ensembles, curvature).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "softplus": nn.Softplus,
+    "linear": nn.Identity,
+}
+
+Width = Union[int, Sequence[int]]
+
+
+def get_activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}") from None
+
+
+def layer_widths(width: Width, depth: int) -> list[int]:
+    """Hidden widths: ``depth`` copies of one number, or the list given (its length wins)."""
+    if isinstance(width, int):
+        return [width] * depth
+    return list(width)
+
+
+class FullyConnected(nn.Module):
+    """``in_dim -> width_1 -> ... -> width_L -> out_dim`` with an activation between layers.
+
+    Args:
+        in_dim: input features (inputs are flattened first).
+        out_dim: outputs C (1 for binary labels in {-1, +1}).
+        width: hidden width, one number for every layer or a list (one per layer).
+        depth: number of hidden layers when ``width`` is one number.
+        activation: one of ``ACTIVATIONS``.
+        bias: whether linear layers carry a bias.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        width: Width = 64,
+        depth: int = 2,
+        activation: str = "relu",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        sizes = [in_dim, *layer_widths(width, depth)]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out, bias=bias), get_activation(activation)]
+        layers.append(nn.Linear(sizes[-1], out_dim, bias=bias))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """N: the number of trainable scalars of one network (buffers and frozen weights excluded)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

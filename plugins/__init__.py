@@ -1,0 +1,1 @@
+"""First-party task plugins (installed as ``overparam.plugins``)."""
