@@ -53,6 +53,13 @@ class ResidentBatches:
         seed: base seed of the permutations (same on every rank).
         epoch: returns the current epoch.
         rank, world_size: this process's slot under DDP.
+        batch_size_at: optional ``i -> global size of the i-th batch of this epoch``, read when
+            the epoch is planned (``len``/``iter``); overrides ``batch_size``. It lets a
+            step-scheduled switch (``BatchSizeSwitch``) land on an exact step mid-epoch.
+        chunk_size: optional global chunk size: a global batch larger than it is yielded as
+            consecutive chunks ``(x, y, n, num_chunks)``, ``n`` still the whole global batch,
+            whose gradients accumulate into one optimizer step (the Trainer's
+            ``accumulate_grad_batches`` must equal ``num_chunks``; ``BatchSizeSwitch`` sets it).
     """
 
     def __init__(
@@ -65,6 +72,8 @@ class ResidentBatches:
         epoch: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
+        batch_size_at: Optional[Callable[[int], int]] = None,
+        chunk_size: Optional[int] = None,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size = batch_size
@@ -72,14 +81,31 @@ class ResidentBatches:
         self.seed = seed
         self.epoch = epoch
         self.rank, self.world_size = rank, world_size
+        self.batch_size_at = batch_size_at
+        self.chunk_size = chunk_size
 
     def _num_points(self) -> int:
         return self.x.shape[0]
 
+    def global_batch_sizes(self) -> list[int]:
+        """The global batch sizes of this epoch, in order (the permutation is cut greedily)."""
+        n, sizes, start = self._num_points(), [], 0
+        while start < n:
+            wanted = self.batch_size_at(len(sizes)) if self.batch_size_at is not None else self.batch_size()
+            size = min(wanted, n - start)
+            # A final global batch smaller than the world size would leave a rank empty: dropped.
+            if size < wanted and size < self.world_size:
+                break
+            sizes.append(size)
+            start += size
+        return sizes
+
+    def num_chunks(self, size: int) -> int:
+        """How many chunks (loader items, backward passes) one global batch of ``size`` takes."""
+        return 1 if self.chunk_size is None else -(-size // self.chunk_size)
+
     def __len__(self) -> int:
-        # A final global batch smaller than the world size would leave a rank empty: dropped.
-        full, rest = divmod(self._num_points(), self.batch_size())
-        return full + (1 if rest >= self.world_size else 0)
+        return sum(self.num_chunks(size) for size in self.global_batch_sizes())
 
     def permutation(self) -> Tensor:
         if not self.shuffle:
@@ -87,13 +113,20 @@ class ResidentBatches:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
         return torch.randperm(self._num_points(), generator=generator).to(self.x.device)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        batch_size = self.batch_size()
+    def __iter__(self) -> Iterator[tuple]:
         order = self.permutation()
-        for start in range(0, len(self) * batch_size, batch_size):
-            global_batch = order[start : start + batch_size]
-            local = shard(global_batch, self.rank, self.world_size)
-            yield self.x[local], self.y[local], global_batch.numel()
+        start = 0
+        for size in self.global_batch_sizes():
+            global_batch = order[start : start + size]
+            start += size
+            chunks = self.num_chunks(size)
+            if chunks == 1:
+                local = shard(global_batch, self.rank, self.world_size)
+                yield self.x[local], self.y[local], size
+                continue
+            for piece in global_batch.split(self.chunk_size):
+                local = shard(piece, self.rank, self.world_size)
+                yield self.x[local], self.y[local], size, chunks
 
 
 class OverparamDataModule(pl.LightningDataModule):
@@ -109,7 +142,14 @@ class OverparamDataModule(pl.LightningDataModule):
         seed: seed of the data (generation, subsampling) and of the batch order.
         analysis_size: points of the training set given to analysis callbacks
             (``analysis_batches``); None for all of them.
+
+    Attributes set by ``BatchSizeSwitch`` (None otherwise): ``batch_size_at`` (global size of
+    the i-th training batch of the coming epoch) and ``train_chunk_size`` (global batches
+    larger than this are yielded in chunks that accumulate into one step).
     """
+
+    batch_size_at: Optional[Callable[[int], BatchSize]] = None
+    train_chunk_size: Optional[int] = None
 
     def __init__(
         self,
@@ -203,13 +243,17 @@ class OverparamDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _loader(self, name: str, shuffle: bool, batch_size: Callable[[], int]) -> ResidentBatches:
+    def _loader(self, name: str, shuffle: bool, batch_size: Callable[[], int], **kwargs) -> ResidentBatches:
         x, y = self.split(name)
         rank, world = self._rank_and_world()
-        return ResidentBatches(x, y, batch_size, shuffle, self.seed, self._current_epoch, rank, world)
+        return ResidentBatches(x, y, batch_size, shuffle, self.seed, self._current_epoch, rank, world, **kwargs)
+
+    def _train_batch_size_at(self, i: int) -> int:
+        return resolve_batch_size(self.batch_size_at(i), self.split("train")[0].shape[0])
 
     def train_dataloader(self) -> ResidentBatches:
-        return self._loader("train", True, self.current_batch_size)
+        planned = self._train_batch_size_at if self.batch_size_at is not None else None
+        return self._loader("train", True, self.current_batch_size, batch_size_at=planned, chunk_size=self.train_chunk_size)
 
     def val_dataloader(self) -> ResidentBatches | list:
         if "val" not in self.splits:

@@ -182,6 +182,10 @@ class Task(pl.LightningModule):
 
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
+        if len(batch) > 3:
+            # A chunk of a global batch (ResidentBatches' chunk_size): its loss is already its
+            # share of the global mean; undo Lightning's 1/accumulate_grad_batches.
+            loss = loss * self.trainer.accumulate_grad_batches
         bad = ~torch.isfinite(loss.detach())
         first_bad = (self._nonfinite_step < 0) & bad
         self._nonfinite_step = torch.where(first_bad, self.global_step, self._nonfinite_step)
