@@ -1,0 +1,266 @@
+"""GradientNoise: the gradient noise scale B_simple during training, the tail index alpha at epochs.
+
+Engines in ``overparam/noise.py`` (formulas and sources there). Two measurements:
+
+* ``noise/B_simple`` (McCandlish et al. 2018), ``noise/G2`` and ``noise/trace_sigma``: ratio of
+  running means over the steps measured since the last log, logged at the end of each epoch.
+  Under DDP the per-rank gradient is the small batch and the all-reduced one the big batch: a
+  DDP communication hook reads each rank's local gradient bucket before the all-reduce, so no
+  extra forward or backward pass is made (one scalar all-reduce per measured step). On one
+  device per-sample gradients of the training batch (``vmap(grad)``, chunked) are grouped into
+  small batches of ``small_batch`` points.
+* ``noise/alpha`` and ``noise/alpha/<parameter>`` (Simsekli et al. 2019): the tail index of
+  ``g_minibatch - g_full`` over ``num_minibatches`` minibatches of the current training batch
+  size drawn from the DataModule's analysis subset, whose full gradient is the reference. Run
+  on the analysis schedule (``at_fit_end``, ``every_n_epochs``, ``at_epochs``).
+
+K > 1 (ensembles): every quantity per member (``.../member_k``), the unsuffixed name is the mean
+over members (of B_simple and alpha).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from overparam.callbacks.base import AnalysisCallback
+from overparam.distributed import all_reduce_sum
+from overparam.errors import ConfigError, check_positive
+from overparam.noise import NoiseScale, gradient_noise_samples, per_sample_moments, tail_indices, two_batch_estimates
+
+
+class GradientNoise(AnalysisCallback):
+    """Gradient noise scale and tail index of the SGD noise.
+
+    Args:
+        every_n_steps: measure B_simple at every n-th optimizer step (None: never). Under DDP
+            a measurement is nearly free; on one device it costs per-sample gradients of the
+            batch. Default 10.
+        small_batch: one device only: points per small batch of the two-batch estimator
+            (default 1: per-sample gradients, the unbiased sample variance). Must divide the
+            batch size.
+        per_sample_chunk: per-sample gradients computed this many at a time (memory bound).
+        tail_index: also estimate alpha on the analysis schedule.
+        num_minibatches: minibatches whose noise is pooled for alpha (K = num_minibatches * N
+            coordinates). Default 32.
+        minibatch_size: global size of those minibatches (default: the current training batch
+            size, capped at the analysis subset).
+        K1: block length of the tail-index estimator (default sqrt(K), see ``noise.tail_index``).
+        at_fit_start, at_fit_end, every_n_epochs, at_epochs, name: the analysis schedule of
+            the tail index (``AnalysisCallback``); ``name`` also prefixes every metric.
+
+    Example::
+
+        Trainer(callbacks=[GradientNoise(every_n_steps=5, every_n_epochs=1)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: GradientNoise
+              init_args: {every_n_steps: 5, every_n_epochs: 1}
+    """
+
+    default_name = "noise"
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = 10,
+        small_batch: int = 1,
+        per_sample_chunk: int = 256,
+        tail_index: bool = True,
+        num_minibatches: int = 32,
+        minibatch_size: Optional[int] = None,
+        K1: Optional[int] = None,
+        at_fit_start: bool = False,
+        at_fit_end: bool = True,
+        every_n_epochs: Optional[int] = None,
+        at_epochs: Sequence[int] = (),
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name)
+        if every_n_steps is not None:
+            check_positive("GradientNoise.every_n_steps", every_n_steps)
+        check_positive("GradientNoise.small_batch", small_batch)
+        check_positive("GradientNoise.per_sample_chunk", per_sample_chunk)
+        check_positive("GradientNoise.num_minibatches", num_minibatches)
+        if minibatch_size is not None:
+            check_positive("GradientNoise.minibatch_size", minibatch_size)
+        if K1 is not None and K1 < 2:
+            raise ConfigError(f"GradientNoise.K1 must be an integer >= 2 or null, got {K1!r}")
+        self.every_n_steps = every_n_steps
+        self.small_batch = small_batch
+        self.per_sample_chunk = per_sample_chunk
+        self.tail_index = tail_index
+        self.num_minibatches = num_minibatches
+        self.minibatch_size = minibatch_size
+        self.K1 = K1
+        self.scales: list[NoiseScale] = []
+        self._ddp = False
+        self._step_moments: list = []  # one device: per-sample moments of this step's chunks
+        self._local_sq: Optional[torch.Tensor] = None  # DDP: (K,) local |grad|^2 from the comm hook
+        self._local_count = 0
+        self._global_count = 0
+        self._armed = False  # DDP: the comm hook records only during measured steps
+
+    # --- setup ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first step: one running mean per member; under DDP register the comm hook."""
+        super().on_train_start(trainer, pl_module)
+        K = getattr(pl_module, "ensemble_size", 1)
+        if len(self.scales) != K:
+            self.scales = [NoiseScale() for _ in range(K)]
+        self._ddp = trainer.world_size > 1
+        if self._ddp and self.every_n_steps is not None:
+            model = trainer.strategy.model
+            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                raise ConfigError(
+                    f"GradientNoise under {trainer.world_size} processes needs the ddp strategy, got {type(trainer.strategy).__name__}"
+                )
+            model.register_comm_hook(state=None, hook=self._comm_hook)
+
+    def _measuring(self, trainer: pl.Trainer) -> bool:
+        return self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+
+    # --- DDP: the local gradient before the all-reduce is the small batch --------------------
+    def _comm_hook(self, state: Any, bucket: Any) -> torch.futures.Future:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if not self._armed:
+            return allreduce_hook(None, bucket)
+        K = len(self.scales) or 1
+        sq = None
+        for g in bucket.gradients():
+            # Stacked ensemble parameters carry the member dimension first.
+            member = g.detach().double().reshape(K, -1).square().sum(1) if K > 1 else g.detach().double().square().sum().view(1)
+            sq = member if sq is None else sq + member
+        if sq is not None:
+            self._local_sq = sq if self._local_sq is None else self._local_sq + sq
+        return allreduce_hook(None, bucket)
+
+    # --- per step ---------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Count this step's points; on one device take the per-sample moments of this batch."""
+        if not self._measuring(trainer):
+            return
+        x, y = batch[0], batch[1]
+        self._local_count += x.shape[0]
+        self._global_count = int(batch[2]) if len(batch) > 2 else x.shape[0]
+        if self._ddp:
+            self._armed = True
+            return
+        view = pl_module.functional_view()
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            self._step_moments.append(
+                [
+                    per_sample_moments(m.fn, m.params, m.buffers, pl_module.loss_fn, x, y, self.small_batch, self.per_sample_chunk)
+                    for m in view.members()
+                ]
+            )
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """The step's gradient is complete: form this step's two-batch estimate."""
+        if self._measuring(trainer) and self._local_count > 0:
+            if self._ddp:
+                estimates = self._ddp_estimates(trainer, pl_module)
+            else:
+                estimates = [self._merge(parts).estimates()[:2] for parts in zip(*self._step_moments)]
+            for scale, (G2, S) in zip(self.scales, estimates):
+                scale.update(G2, S)
+        self._step_moments, self._local_sq, self._local_count, self._armed = [], None, 0, False
+
+    @staticmethod
+    def _merge(parts: Sequence[Any]) -> Any:
+        first = parts[0]
+        for p in parts[1:]:
+            first.sum_g = first.sum_g + p.sum_g
+            first.small_sq_sum = first.small_sq_sum + p.small_sq_sum
+            first.groups = first.groups + p.groups
+            first.count = first.count + p.count
+        return first
+
+    def _ddp_estimates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list:
+        K, W, n = len(self.scales), trainer.world_size, self._global_count
+        device = pl_module.device
+        # p.grad is the global mean gradient (the Task scales each rank's sum by W / n and DDP
+        # averages); the bucket held W / n times this rank's summed gradient.
+        big = torch.zeros(K, dtype=torch.float64, device=device)
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                g = p.grad.detach().double()
+                big += g.reshape(K, -1).square().sum(1) if K > 1 else g.square().sum().view(1)
+        local = self._local_sq if self._local_sq is not None else torch.zeros(K, dtype=torch.float64, device=device)
+        b = self._local_count
+        local = local * (n / (W * b)) ** 2  # |mean gradient over this rank's b points|^2
+        small = all_reduce_sum(local.clone()) / W
+        B_small = n / W
+        return [two_batch_estimates(small[k], big[k], B_small, n) for k in range(K)]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the epoch's running-mean B_simple, then run the tail index if scheduled."""
+        if self.scales and any(s.n for s in self.scales):
+            metrics = self._scale_metrics()
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+            self.log_metrics(trainer, pl_module, metrics)
+            for s in self.scales:
+                s.reset()
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def _scale_metrics(self) -> dict[str, float]:
+        values = {}
+        for k, s in enumerate(self.scales):
+            suffix = f"/member_{k}" if len(self.scales) > 1 else ""
+            values.update({f"B_simple{suffix}": s.B_simple, f"G2{suffix}": s.G2, f"trace_sigma{suffix}": s.trace_sigma})
+        if len(self.scales) > 1:
+            values["B_simple"] = sum(s.B_simple for s in self.scales) / len(self.scales)
+        return values
+
+    # --- tail index ---------------------------------------------------------------------------------
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        """Tail index of ``g_minibatch - g_full`` on the analysis subset, pooled and per parameter."""
+        if not self.tail_index:
+            return
+        datamodule = trainer.datamodule
+        full = datamodule.analysis_batches()
+        subset = datamodule.analysis_batches(shard_across_ranks=False, batch_size=10**12)
+        x_all, y_all = subset[0]
+        P_sub = x_all.shape[0]
+        b = min(self.minibatch_size or datamodule.current_batch_size(), P_sub)
+        if b == P_sub:
+            rank_zero_warn("GradientNoise: minibatch size equals the analysis subset: no noise to measure; skipping alpha")
+            return
+        generator = torch.Generator().manual_seed(datamodule.seed + 104729 + len(self.history))
+        rank, W = trainer.global_rank, trainer.world_size
+        minibatches = []
+        for _ in range(self.num_minibatches):
+            idx = torch.randperm(P_sub, generator=generator)[:b].to(x_all.device)
+            local = idx.tensor_split(W)[rank]
+            minibatches.append([(x_all[local], y_all[local])])
+        view = pl_module.functional_view()
+        values: dict[str, float] = {}
+        alphas = []
+        for k, m in enumerate(view.members()):
+            noise = gradient_noise_samples(m.fn, m.params, m.buffers, pl_module.loss_fn, full, P_sub, minibatches, b)
+            alpha, per_layer = tail_indices(noise, self.K1)
+            suffix = f"/member_{k}" if view.ensemble_size > 1 else ""
+            values[f"alpha{suffix}"] = alpha
+            values.update({f"alpha/{name}{suffix}": a for name, a in per_layer.items()})
+            alphas.append(alpha)
+        if view.ensemble_size > 1:
+            values["alpha"] = sum(alphas) / len(alphas)
+        self.history.append({"tag": tag, "epoch": trainer.current_epoch, "minibatch_size": b, **values})
+        self.log_metrics(trainer, pl_module, values)
+        self.save_npz(trainer, f"alpha_{tag.replace('=', '')}.npz", **{k.replace("/", "."): v for k, v in values.items()})
+
+    # --- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["scales"] = [(s.G2_sum, s.S_sum, s.n) for s in self.scales]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.scales = [NoiseScale(G2, S, n) for G2, S, n in state_dict.get("scales", [])]
