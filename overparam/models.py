@@ -72,3 +72,54 @@ class FullyConnected(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """N: the number of trainable scalars of one network (buffers and frozen weights excluded)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class ConvNet(nn.Module):
+    """Width-scaled conv-net: stage i has ``width * 2**i`` channels, then global pooling and a linear head.
+
+    Stage i is ``convs_per_stage`` times [3x3 conv (padding 1) -> BatchNorm (optional) ->
+    activation], then 2x2 max pooling (except after the last stage). The feature map is
+    averaged over space and fed to a linear layer with ``out_dim`` outputs. One knob, the
+    width c, scales every layer, so N grows like c^2 (the width-scaling plots of the talk).
+    Without BatchNorm the network has no buffers and is ``vmap``-safe (ensembles, curvature).
+
+    Args:
+        in_channels: input channels (3 for CIFAR-10).
+        out_dim: outputs C (1 for binary labels in {-1, +1}).
+        width: c, the channels of the first stage (then 2c, 4c, ...).
+        depth: number of stages.
+        convs_per_stage: conv layers in each stage.
+        activation: one of ``ACTIVATIONS``.
+        bias: whether conv and linear layers carry a bias.
+        batch_norm: BatchNorm2d after each conv (off by default: not vmap-safe in train mode).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_dim: int,
+        width: int = 16,
+        depth: int = 3,
+        convs_per_stage: int = 1,
+        activation: str = "relu",
+        bias: bool = True,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for stage in range(depth):
+            for _ in range(convs_per_stage):
+                out_channels = width * 2**stage
+                layers.append(nn.Conv2d(channels, out_channels, 3, padding=1, bias=bias))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(out_channels))
+                layers.append(get_activation(activation))
+                channels = out_channels
+            if stage < depth - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_dim, bias=bias)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
