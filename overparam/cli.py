@@ -9,8 +9,10 @@ and checkpoints (``checkpoints/last.ckpt``). A bad value ends with one line and 
 
 from __future__ import annotations
 
+import difflib
 import importlib
-import os
+import inspect
+import logging
 import re
 import sys
 import warnings
@@ -18,7 +20,6 @@ from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from overparam.commands import COMMANDS
@@ -37,31 +38,66 @@ EPILOG = "overparam's own subcommands:\n" + "\n".join(
 
 
 def condense_parser_error(message: str) -> str:
-    """One line out of jsonargparse's nested error report, with a suggestion for bad names."""
-    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
-    text = " ".join(lines)
-    bad_class = re.search(r'Problem with given class_path ["\']([^"\']+)["\']', text) or re.search(
-        r'Import path ([\w.]+) does not', text
+    """One line out of jsonargparse's nested error report, naming the option and what is allowed."""
+    text = " ".join(line.strip(" -") for line in message.strip().splitlines() if line.strip(" -"))
+    key_match = re.match(r'Parser key "([^"]+)":', text)
+    key = key_match.group(1) if key_match else None
+    option = f"--{key}" if key else "config"
+
+    not_accepted = re.search(r"class_path '([\w.]+)': Option '([^']+)' is not accepted", text)
+    if not_accepted:
+        class_path, name = not_accepted.groups()
+        return f"{option}.{name}: no such option of {class_path.rsplit('.', 1)[-1]}; {_allowed_options(class_path, name)}"
+    bad_class = re.search(r"Expected a path but ([\w.]+) either not accessible", text) or re.search(
+        r"Import path ([\w.]+) does not", text
     )
-    key = re.search(r'Parser key "([^"]+)"', text) or re.search(r'key "([^"]+)"', text)
-    if bad_class and key and key.group(1).split(".")[0] in ("model", "data", "trainer", "callbacks"):
-        option = key.group(1)
-        kind = {"model": "tasks", "data": "datamodules"}.get(option.split(".")[0], "callbacks")
+    if bad_class and key:
+        kind = {"model": "tasks", "data": "datamodules"}.get(key.split(".")[0], "callbacks")
         name = bad_class.group(1)
-        if "Expected a" in text or "does not" in text or "Unable to" in text or "not a subclass" in text:
-            return f"--{option}: unknown class {name!r}; {suggest(name.split('.')[-1], kind)}"
-    for pattern in (
-        r"Unrecognized arguments: .*",
-        r'No action for key "[^"]+"[^.]*',
-        r'Key "[^"]+" is required but not included in config object or its value is None',
-        r"Parser key \"[^\"]+\": Expected .*?(?=$| Given value type)",
-        r"Problem in default config file.*",
-        r"Unable to load config .*",
-    ):
-        found = re.search(pattern, text)
-        if found:
-            return found.group(0)[:400]
+        return f"{option}: unknown class {name!r}; {suggest(name.rsplit('.', 1)[-1], kind)}"
+    unknown_key = re.search(r"does not accept option '([^']+)'", text)
+    if unknown_key:
+        return _unknown_key(unknown_key.group(1))
+    given = re.search(r"Given value: (.*)$", text)
+    expected = re.findall(r"Expected an? <class '([\w.]+)'>", text)
+    if key and given and expected:
+        allowed = " or ".join(dict.fromkeys("None" if e == "NoneType" else e for e in expected))
+        return f"{option}: expected {allowed}, got {given.group(1)!r}"
+    if key == "config" or "File does not exist" in text:
+        return re.sub(r'^Parser key "[^"]+": ', f"{option}: ", text)
     return text[:400]
+
+
+def _unknown_key(key: str) -> str:
+    """A config key that does not exist: suggest the closest Trainer argument or section."""
+    import lightning.pytorch as pl
+
+    group, _, name = key.rpartition(".")
+    if group == "trainer":
+        names = [n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"]
+    elif not group:
+        names = ["model", "data", "trainer", "optimizer", "lr_scheduler", "seed_everything", "ckpt_path", "summary"]
+    else:
+        return f"--{key}: no such option"
+    close = difflib.get_close_matches(name, names, n=2)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(names)}"
+    return f"--{key}: no such option; {hint}"
+
+
+def _allowed_options(class_path: str, wrong: str) -> str:
+    """``did you mean X?`` or the accepted init arguments of a class (with its bases)."""
+    try:
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return "see --print_config"
+    names = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            names += [n for n in inspect.signature(klass.__init__).parameters if n not in ("self", "args", "kwargs")]
+    names = list(dict.fromkeys(n for n in names if n not in LINKED))
+    close = difflib.get_close_matches(wrong, names, n=2)
+    return f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(names)}"
 
 
 class OverparamArgumentParser(LightningArgumentParser):
@@ -184,6 +220,7 @@ def _quiet_known_warnings() -> None:
         ".*does not have many workers.*",
         ".*The number of training batches.*is smaller than the logging interval.*",
         ".*Total length of .* across ranks is zero.*",
+        ".*isinstance\\(treespec, LeafSpec\\).*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -196,21 +233,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _run_reporting_errors(lambda: module.main(args[1:]))
     load_plugins()
     _quiet_known_warnings()
+    # "Seed set to 0" would precede every one-line error; the seed is in config.yaml anyway.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     return _run_reporting_errors(lambda: OverparamCLI(args=None if argv is None else args) and 0)
 
 
 def _run_reporting_errors(run: Any) -> int:
+    """Run a command; a ConfigError or DivergenceError anywhere in the chain becomes one line."""
     try:
         return int(run() or 0)
-    except ConfigError as exc:
-        sys.stderr.write(f"overparam: error: {exc}\n")
-        return 2
-    except DivergenceError as exc:
-        sys.stderr.write(f"overparam: error: {exc}\n")
-        return 3
-    except FileNotFoundError as exc:
-        sys.stderr.write(f"overparam: error: {exc}\n")
-        return 2
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is one of ours
+        cause = _our_error(exc)
+        if cause is None:
+            raise
+        sys.stderr.write(f"overparam: error: {cause}\n")
+        return 3 if isinstance(cause, DivergenceError) else 2
+
+
+def _our_error(exc: Optional[BaseException]) -> Optional[Exception]:
+    """The ConfigError/DivergenceError that caused ``exc`` (jsonargparse and Lightning wrap them)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (ConfigError, DivergenceError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

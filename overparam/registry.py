@@ -98,6 +98,10 @@ def all_classes(kind: str) -> list[str]:
 def suggest(name: str, kind: str) -> str:
     """``did you mean X?`` for a misspelt class name, or the list of what is installed."""
     known = all_classes(kind)
+    if kind == "callbacks":
+        import lightning.pytorch.callbacks as builtin
+
+        known += [n for n in dir(builtin) if n[0].isupper() and n != "Callback"]
     close = difflib.get_close_matches(name, known, n=3)
     if close:
         return f"did you mean {' or '.join(close)}?"

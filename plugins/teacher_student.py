@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from overparam.data import BatchSize, OverparamDataModule
 from overparam.errors import check_choice, check_positive
-from overparam.models import FullyConnected, Width
+from overparam.models import ACTIVATIONS, FullyConnected, Width
 from overparam.task import Task
 
 TARGETS = ("regression", "binary", "multiclass", "random")
@@ -68,6 +68,7 @@ class TeacherStudentData(OverparamDataModule):
         check_choice("data.target", target, TARGETS)
         check_positive("data.teacher_width", teacher_width)
         check_positive("data.teacher_depth", teacher_depth)
+        check_choice("data.teacher_activation", teacher_activation, list(ACTIVATIONS))
         if target in ("multiclass", "random"):
             check_positive("data.num_classes", num_classes - 1)
         self.input_dim, self.target, self.num_classes = input_dim, target, num_classes
@@ -138,6 +139,7 @@ class TeacherStudent(Task):
         super().__init__(**kwargs)
         check_positive("model.width", width)
         check_positive("model.depth", depth)
+        check_choice("model.activation", activation, list(ACTIVATIONS))
         self.width, self.depth, self.activation, self.bias = width, depth, activation, bias
         self.setup_network()
 
