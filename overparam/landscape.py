@@ -251,12 +251,16 @@ def batchnorm_layers(module: Optional[nn.Module]) -> dict[str, nn.modules.batchn
 def recompute_bn(module: nn.Module, params: Params, buffers: Params, batches: Sequence[Batch]) -> Params:
     """BatchNorm running statistics of ``module`` at ``params``, recomputed from ``batches``.
 
-    Garipov et al.'s ``update_bn``: statistics reset, BN layers in train mode, one forward pass
-    per batch with momentum ``b / (n + b)`` (``n`` points seen so far), so the running mean is
-    the exact mean of the layer inputs over all points and the running variance the
-    size-weighted mean of the per-batch (unbiased) variances. Across ranks each statistic is
-    averaged weighted by the rank's point count. Only BN layers switch to train mode (dropout
-    stays off, so the pass is deterministic); modes and momenta are restored.
+    Garipov et al. 2018's ``update_bn`` (and ``torch.optim.swa_utils.update_bn``) reset the
+    statistics and run one train-mode forward pass over the data. Here each BN layer ends with
+    the mean and the unbiased variance of its inputs over *all* points, as if the whole set
+    were one batch: per batch, momentum 1 exposes the batch mean ``m_b`` and unbiased variance
+    ``s_b^2`` in the running buffers; ``sum x = b m_b`` and ``sum x^2 = (b - 1) s_b^2 + b m_b^2``
+    are accumulated in float64 and summed across ranks. So the first BN layer's statistics do
+    not depend on how the points are cut into batches or ranks; deeper BN layers see inputs
+    normalised by per-batch statistics of earlier layers during the pass, as in ``update_bn``.
+    With one batch the result equals ``update_bn``'s. Only BN layers switch to train mode
+    (dropout stays off: the pass is deterministic); modes and momenta are restored.
 
     Returns:
         a new buffers dict (``buffers`` is not modified).
@@ -265,38 +269,42 @@ def recompute_bn(module: nn.Module, params: Params, buffers: Params, batches: Se
     new = {n: b.clone() for n, b in buffers.items()}
     if not layers:
         return new
+    prefixes = [f"{name}." if name else "" for name in layers]
+    # Per layer: (2, C) = sum x, sum x^2 over this rank's points, in float64.
+    sums = {p: torch.zeros(2, new[p + "running_mean"].numel(), dtype=torch.float64, device=new[p + "running_mean"].device) for p in prefixes}
     saved = {name: (m.training, m.momentum) for name, m in layers.items()}
-    stats = []
-    for name in layers:
-        prefix = f"{name}." if name else ""
-        new[prefix + "running_mean"].zero_()
-        new[prefix + "running_var"].fill_(1.0)
-        new[prefix + "num_batches_tracked"].zero_()
-        stats += [prefix + "running_mean", prefix + "running_var"]
-    seen = 0
+    seen, num_batches = 0, 0
     try:
         for m in layers.values():
             m.train()
+            m.momentum = 1.0  # running buffers := this batch's mean and unbiased variance
         for x, _ in batches:
             b = x.shape[0]
-            for m in layers.values():
-                m.momentum = b / (seen + b)
             functional_call(module, (params, new), (x,))
-            seen += b
+            for p in prefixes:
+                mean, var = new[p + "running_mean"].double(), new[p + "running_var"].double()
+                sums[p][0] += b * mean
+                sums[p][1] += (b - 1) * var + b * mean.square()
+            seen, num_batches = seen + b, num_batches + 1
     finally:
         for name, m in layers.items():
             m.train(saved[name][0])
             m.momentum = saved[name][1]
-    # Size-weighted average over ranks (identity on one process).
-    device = new[stats[0]].device
-    flat = torch.cat([new[s].reshape(-1).double() * seen for s in stats] + [torch.tensor([float(seen)], dtype=torch.float64, device=device)])
-    all_reduce_sum(flat)
-    total = flat[-1].clamp_min(1.0)
+    counts = torch.tensor([float(seen), float(num_batches)], dtype=torch.float64, device=sums[prefixes[0]].device)
+    flat = all_reduce_sum(torch.cat([sums[p].reshape(-1) for p in prefixes] + [counts]))
+    n = flat[-2]
+    if n < 2:
+        raise ConfigError(f"BatchNorm statistics need at least 2 points, got {int(n)}")
     start = 0
-    for s in stats:
-        n = new[s].numel()
-        new[s].copy_((flat[start : start + n] / total).view_as(new[s]))
-        start += n
+    for p in prefixes:
+        mean_buf, var_buf = new[p + "running_mean"], new[p + "running_var"]
+        c = mean_buf.numel()
+        s1, s2 = flat[start : start + c], flat[start + c : start + 2 * c]
+        start += 2 * c
+        mean = s1 / n
+        mean_buf.copy_(mean.view_as(mean_buf))
+        var_buf.copy_(((s2 - n * mean.square()) / (n - 1)).clamp_min(0).view_as(var_buf))
+        new[p + "num_batches_tracked"].fill_(int(flat[-1]))
     return new
 
 
