@@ -126,7 +126,7 @@ class GradientNoise(AnalysisCallback):
         return self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
 
     # --- DDP: the local gradient before the all-reduce is the small batch --------------------
-    def _comm_hook(self, state: Any, bucket: Any) -> torch.futures.Future:
+    def _comm_hook(self, state, bucket):  # no annotations: DDP checks them against GradBucket/Future
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         if not self._armed:
