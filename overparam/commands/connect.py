@@ -1,0 +1,24 @@
+"""``overparam connect``: fit a Bezier curve (or polygonal chain) between two finished runs.
+
+    overparam connect --a RUN_OR_CKPT --b RUN_OR_CKPT [--path bezier|polychain] [--bends 1]
+                      [--steps 1000] [--lr 0.05] [--points 25] [--out connection]
+
+Trains the middle control point(s) with the two runs' weights fixed at the ends, minimising
+``E_{t ~ U[0,1]} L(phi(t))`` over the training set (Garipov et al. 2018, Sec. 3.2), then
+evaluates the linear path and the found curve and writes both into ``--out``: ``curve.npz``
+(with the control points, reusable by ``overparam interpolate --path bezier --curve``),
+``curve.png`` and ``barriers.json``. Takes every option of ``overparam interpolate``.
+"""
+
+from __future__ import annotations
+
+from overparam.commands import interpolate
+from overparam.errors import ConfigError
+
+
+def main(argv: list[str]) -> int:
+    if "--direction" in argv:
+        raise ConfigError("overparam connect joins two runs: give --b, not --direction (use overparam interpolate for lines)")
+    if "--path" in argv and argv[argv.index("--path") + 1 :][:1] == ["linear"]:
+        raise ConfigError("overparam connect fits a curve: --path must be bezier or polychain (use overparam interpolate for linear)")
+    return interpolate.main(argv, prog="overparam connect", default_path="bezier", default_out="connection")
