@@ -161,3 +161,36 @@ def test_chunked_sgd_equals_unchunked(tmp_path):
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         BatchSizeSwitch(**kwargs)
+
+
+class RankRecorder(Recorder):
+    """Writes each rank's (epoch, step, n, local rows) to a file (ddp_fork returns no callbacks)."""
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(repr(self.seen))
+
+
+def test_ddp_sizes_are_global_and_match_one_process(tmp_path):
+    """2 CPU ranks: each gets half of every global batch and chunk; the trajectory is the 1-process one."""
+    finals = []
+    for devices in (1, 2):
+        task, data = make(batch_size=20)
+        switch = BatchSizeSwitch(schedule={0: "full", 1: 40}, chunk_size=30)
+        strategy = "ddp_fork" if devices == 2 else "auto"
+        t = trainer(tmp_path, [switch, RankRecorder(tmp_path)], max_epochs=2, accelerator="cpu", devices=devices, strategy=strategy)
+        t.fit(task, datamodule=data)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in task.net.parameters()]))
+    ranks = [eval((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        # Epoch 0: GD, 4 chunks of the global 100 (30, 30, 30, 10), halves per rank; epoch 1:
+        # global batches 40, 40, 20, chunked (30, 10), (30, 10), (20).
+        assert [(e, n, rows) for e, _, n, rows in seen] == [
+            (0, 100, 15), (0, 100, 15), (0, 100, 15), (0, 100, 5),
+            (1, 40, 15), (1, 40, 5), (1, 40, 15), (1, 40, 5), (1, 20, 10),
+        ]
+        assert [s for _, s, _, _ in seen] == [0, 0, 0, 0, 1, 1, 2, 2, 3]
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
