@@ -287,6 +287,8 @@ class PSpinTask(Task):
         per_sample = self.loss_fn(self.member_outputs(x), y, reduction="none")  # (K, B)
         self.metrics[f"{split}_loss"].update(per_sample)
         self.metrics[f"{split}_error"].update(torch.zeros_like(per_sample))  # no 0/1 error for an energy
+        if self.ensemble_size > 1:
+            self.metrics[f"{split}_ensemble_error"].update(torch.zeros_like(per_sample[:1]))
         world_size = self._trainer.world_size if self._trainer is not None else 1
         n_global = batch[2] if len(batch) > 2 else x.shape[0] * world_size
         if split == "train":
