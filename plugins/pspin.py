@@ -445,6 +445,42 @@ def spherical_hessian(view: FunctionalView, batches: list[tuple[Tensor, Tensor]]
     return torch.linalg.eigvalsh(N * (riemannian + riemannian.T) / 2), energy
 
 
+def spherical_hessian_matvec(view: FunctionalView, batches: list[tuple[Tensor, Tensor]], **operator_kwargs: Any) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """Matrix-free ``v -> N Hess_S e v`` (the Riemannian Hessian of H) for Lanczos at large N.
+
+    Built on the curvature engine's ``HessianOperator`` (the Euclidean ``nabla^2 e``)::
+
+        v -> N [ P (nabla^2 e) P v - (sigma . nabla e / N) P v ],   P = I - sigma sigma^T / N.
+
+    It acts on R^N with sigma as an extra eigenvector of eigenvalue 0; start Lanczos from a
+    tangent vector (the second return value, seeded) so the Krylov space stays tangent, e.g.
+    ``bottom_k(matvec, N, k=1, v0=v0, dtype=torch.float64)`` for the smallest curvature.
+
+    Args:
+        view: a K = 1 view of a ``PSpinTask``.
+        batches: all coupling rows (this rank's shard under DDP).
+        **operator_kwargs: ``HessianOperator`` options (``dtype``, ``hvp_mode``).
+
+    Returns:
+        ``(matvec, v0)``.
+    """
+    from overparam.curvature import HessianOperator
+
+    operator = HessianOperator.from_view(view, energy_loss, batches, **operator_kwargs)
+    sigma = operator.params["sigma"]
+    N = sigma.shape[0]
+    _, gradient = energy_and_gradient(FunctionalView(view.fn, operator.params, view.buffers), operator.batches)
+    radial = float(gradient[0].to(sigma.dtype) @ sigma) / N
+
+    def matvec(v: Tensor) -> Tensor:
+        w = tangent(v, sigma)
+        return N * tangent(operator.matvec(w) - radial * w, sigma)
+
+    generator = torch.Generator().manual_seed(0)
+    v0 = tangent(torch.randn(N, generator=generator, dtype=torch.float64).to(sigma), sigma)
+    return matvec, v0
+
+
 # --- callbacks -----------------------------------------------------------------------------
 def _require_pspin(callback: AnalysisCallback, pl_module: pl.LightningModule) -> None:
     if not isinstance(pl_module, PSpinTask):

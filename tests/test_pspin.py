@@ -26,6 +26,7 @@ from overparam.plugins.pspin import (
     energy_loss,
     hamiltonian,
     spherical_hessian,
+    spherical_hessian_matvec,
     tangent,
     threshold_energy,
     to_sphere,
@@ -179,6 +180,22 @@ def test_spherical_hessian_is_the_hessian_along_the_sphere():
     # The generic (Euclidean) Hessian of the loss H/N is a different matrix: no radial shift.
     euclidean = torch.linalg.eigvalsh(N * dense_hessian(view.fn, view.params, energy_loss, batches, dtype=torch.float64))
     assert not torch.allclose(euclidean[1:], eigenvalues, atol=1e-2)
+
+
+def test_matrix_free_spherical_hessian_lanczos_matches_exact():
+    from overparam.curvature import bottom_k, top_k
+
+    N = 14
+    data, task = make(N=N)
+    data.setup()
+    batches = data.analysis_batches(size=N)
+    view = task.functional_view()
+    exact, _ = spherical_hessian(view, batches)
+    matvec, v0 = spherical_hessian_matvec(view, batches, dtype=torch.float64, hvp_mode="double_backward")
+    low = bottom_k(matvec, N, k=2, v0=v0, dtype=torch.float64, max_steps=N - 1).eigenvalues
+    high = top_k(matvec, N, k=1, v0=v0, dtype=torch.float64, max_steps=N - 1).eigenvalues
+    torch.testing.assert_close(low.sort().values, exact[:2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(high, exact[-1:], rtol=1e-6, atol=1e-6)
 
 
 def test_callbacks_save_halting_energies_and_a_nonnegative_spectrum(tmp_path):
