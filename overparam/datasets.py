@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -62,11 +63,21 @@ def _stamp(folder: Path) -> list[tuple[str, int, int]]:
     )
 
 
+def _writable(folder: Path) -> bool:
+    """Writable by permission *and* by intent: a read-only mode or a symlinked folder (someone
+    else's copy, e.g. a shared one) is left alone even when running as root."""
+    return (
+        folder.is_dir()
+        and not folder.is_symlink()
+        and os.access(folder, os.W_OK)
+        and bool(folder.stat().st_mode & stat.S_IWUSR)
+    )
+
+
 def _cache_path(root: Path, folder: Path, split: str) -> Path:
+    """Beside the raw files when that folder is ours to write, else ``<root>/overparam-cache/``."""
     name = f"overparam-uint8-{split}.pt"
-    if folder.is_dir() and os.access(folder, os.W_OK):
-        return folder / name
-    return root / CACHE_FOLDER / folder.name / name
+    return folder / name if _writable(folder) else root / CACHE_FOLDER / folder.name / name
 
 
 def _read_cache(path: Path, stamp: list, need_verified: bool) -> Optional[tuple[Tensor, Tensor]]:
@@ -117,7 +128,11 @@ def _quiet(make: Callable):
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """One line out of torchvision's multi-line download error: the first line and the last cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
 
 
 # --- MNIST ------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""MNIST-FC on the real digits: every data option, the offline error, learning, the config."""
+
+from __future__ import annotations
+
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from overparam.datasets import balanced_subset, load_mnist
+from overparam.errors import ConfigError
+from overparam.plugins.mnist_fc import MnistData, MnistFC, pca_projection
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two shared cores: torch's own thread pool only adds contention for these small tensors."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mnist(root: Path, **kwargs) -> MnistData:
+    data = MnistData(data_dir=str(root), **kwargs)
+    data.setup()
+    return data
+
+
+def rows(x: torch.Tensor) -> list[bytes]:
+    """Each image as bytes, to compare images across splits and configurations."""
+    return [r.numpy().tobytes() for r in x.flatten(1)]
+
+
+@pytest.fixture(scope="module")
+def plain(data_root: Path) -> MnistData:
+    return mnist(data_root, n_train=1000, n_test=500, val_size=500)
+
+
+def test_decoded_once_and_cached(data_root: Path):
+    splits = load_mnist(data_root)
+    assert splits["train"][0].shape == (60_000, 1, 28, 28) and splits["train"][0].dtype == torch.uint8
+    assert splits["test"][0].shape == (10_000, 1, 28, 28)
+    # Published facts of the official release (shared/data/README.md).
+    assert splits["train"][1][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert torch.bincount(splits["test"][1]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(splits["train"][0].double().mean().item() / 255 - 0.1307) < 1e-4
+    assert (data_root / "MNIST" / "raw" / "overparam-uint8-train.pt").is_file()
+
+
+def test_subsample_is_class_balanced_nested_and_disjoint_from_val(data_root: Path, plain: MnistData):
+    x_tr, y_tr = plain.raw["train"]
+    x_val, y_val = plain.raw["val"]
+    assert torch.bincount(y_tr).tolist() == [100] * 10
+    assert torch.bincount(y_val).tolist() == [50] * 10
+    assert torch.bincount(plain.raw["test"][1]).tolist() == [50] * 10
+    assert not set(rows(x_tr)) & set(rows(x_val)), "validation points leaked into the training subset"
+    smaller = MnistData(data_dir=str(data_root), n_train=300, val_size=500).load_splits()
+    assert set(rows(smaller["train"][0])) <= set(rows(x_tr)), "the subsample for P=300 is not inside P=1000"
+    assert plain.num_train == 1000 and plain.split("train")[0].shape == (1000, 1, 28, 28)
+
+
+def test_balanced_subset_when_a_class_runs_out():
+    labels = torch.tensor([0] * 3 + [1] * 10 + [2] * 10)
+    counts = torch.bincount(labels[balanced_subset(labels, 15, torch.Generator().manual_seed(0))])
+    assert counts.tolist() == [3, 6, 6]
+
+
+def test_normalised_on_the_device_in_float(plain: MnistData):
+    x, y = plain.split("train")
+    assert x.dtype == torch.float32 and y.dtype == torch.long
+    expected = (plain.raw["train"][0].float() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(x, expected)
+
+
+def test_label_noise_scrambles_the_exact_fraction(data_root: Path, plain: MnistData):
+    noisy = mnist(data_root, n_train=1000, n_test=500, val_size=500, label_noise=0.25)
+    y_clean, y_noisy = plain.raw["train"][1], noisy.raw["train"][1]
+    changed = y_clean != y_noisy
+    assert changed.sum() == 250
+    assert torch.equal(changed, noisy.scrambled)
+    assert torch.equal(noisy.raw["train"][0], plain.raw["train"][0]), "label noise must not move inputs"
+    for split in ("val", "test"):
+        assert torch.equal(noisy.raw[split][1], plain.raw[split][1]), f"{split} labels must stay clean"
+
+
+def test_parity_labels(data_root: Path, plain: MnistData):
+    parity = mnist(data_root, n_train=1000, n_test=500, val_size=500, labels="parity")
+    assert parity.num_outputs == 1
+    for split in ("train", "val", "test"):
+        digits = plain.raw[split][1]
+        y = parity.split(split)[1]
+        assert y.dtype == torch.float32
+        assert torch.equal(y, torch.where(digits % 2 == 0, 1.0, -1.0))
+    flipped = mnist(data_root, n_train=1000, n_test=500, val_size=500, labels="parity", label_noise=0.1)
+    assert (flipped.split("train")[1] != parity.split("train")[1]).sum() == 100
+
+
+def test_pca_dimension_and_whiteness(data_root: Path, plain: MnistData):
+    white = mnist(data_root, n_train=1000, n_test=500, val_size=500, pca_dim=20, whiten=True)
+    assert white.input_shape == (20,)
+    for split in ("train", "val", "test"):
+        assert white.split(split)[0].shape == (plain.split(split)[0].shape[0], 20)
+    z = white.split("train")[0].double()
+    torch.testing.assert_close(z.mean(0), torch.zeros(20, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.T.cov(correction=0), torch.eye(20, dtype=torch.float64), atol=1e-4, rtol=0)
+    # Without whitening: the variances are the top eigenvalues of the training covariance.
+    raw = mnist(data_root, n_train=1000, n_test=500, val_size=500, pca_dim=20)
+    pixels = plain.split("train")[0].flatten(1).double()
+    top = torch.linalg.eigvalsh(pixels.T.cov(correction=0)).flip(0)[:20]
+    torch.testing.assert_close(raw.split("train")[0].double().var(0, correction=0), top, rtol=1e-4, atol=1e-5)
+
+
+def test_pca_projection_on_known_axes():
+    # Variances 9, 4, 1 along the axes: components in that order, signs fixed positive.
+    x = torch.tensor([[3.0, 0, 0], [-3, 0, 0], [0, 2, 0], [0, -2, 0], [0, 0, 1], [0, 0, -1]]) * 6**0.5 / 2**0.5
+    mean, W = pca_projection(x, 2, whiten=False)
+    torch.testing.assert_close(W, torch.tensor([[1.0, 0], [0, 1], [0, 0]], dtype=torch.float64))
+    _, W_white = pca_projection(x, 2, whiten=True)
+    torch.testing.assert_close(((x - mean).double() @ W_white).var(0, correction=0), torch.ones(2, dtype=torch.float64))
+
+
+def test_sum_mod_10_labels_of_known_pairs(data_root: Path, plain: MnistData):
+    pairs = mnist(data_root, n_train=1000, n_test=500, val_size=500, sum_mod_10=True)
+    assert pairs.input_shape == (1, 28, 56) and pairs.num_outputs == 10
+    for split in ("train", "test"):
+        x_single, y_single = plain.raw[split]
+        label_of = dict(zip(rows(x_single), y_single.tolist()))
+        x_pair, y_pair = pairs.raw[split]
+        left, right = rows(x_pair[..., :28].contiguous()), rows(x_pair[..., 28:].contiguous())
+        assert left == rows(x_single), "the first digit of pair i is digit i of the split"
+        expected = [(label_of[a] + label_of[b]) % 10 for a, b in zip(left, right)]
+        assert y_pair.tolist() == expected
+        assert len(set(right)) == len(right), "second digits are a permutation of the split"
+    net = MnistFC(width=[8], input_shape=pairs.input_shape, num_outputs=pairs.num_outputs)
+    assert net.net(pairs.split("train")[0][:3]).shape == (3, 10)
+
+
+def test_input_noise_is_fixed_gaussian_on_training_inputs(data_root: Path, plain: MnistData):
+    noisy = mnist(data_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
+    delta = noisy.split("train")[0] - plain.split("train")[0]
+    assert abs(delta.std().item() - 0.5) < 0.005 and abs(delta.mean().item()) < 0.005
+    for split in ("val", "test"):
+        assert torch.equal(noisy.split(split)[0], plain.split(split)[0])
+    again = mnist(data_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
+    assert torch.equal(again.split("train")[0], noisy.split("train")[0]), "noise must be seeded"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_train": 60_000, "val_size": 10}, r"data.n_train must be at most 59990"),
+        ({"labels": "odd"}, r"data.labels must be one of digits, parity"),
+        ({"whiten": True}, r"data.whiten needs data.pca_dim"),
+        ({"n_train": 10, "pca_dim": 10, "whiten": True}, r"data.pca_dim must be at most 9"),
+        ({"label_noise": 1.5}, r"data.label_noise must be in \[0, 1\]"),
+        ({"val_size": 60_000}, r"data.val_size must be below"),
+    ],
+)
+def test_bad_options_are_one_line_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        MnistData(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_offline_without_data_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(ConfigError) as error:
+        MnistData(data_dir=str(tmp_path / "empty")).setup()
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(tmp_path / "empty" / "MNIST" / "raw") in message and "download failed" in message
+    assert "OVERPARAM_DATA_DIR" in message
+    with pytest.raises(ConfigError, match="data.download is false"):
+        MnistData(data_dir=str(tmp_path / "empty2"), download=False).setup()
+
+
+def test_default_root_from_environment(data_root: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OVERPARAM_DATA_DIR", str(data_root))
+    assert MnistData(n_train=10).load_splits()["train"][0].shape == (10, 1, 28, 28)
+
+
+def test_small_fc_learns_mnist_in_seconds(data_root: Path):
+    data = MnistData(data_dir=str(data_root), n_train=1000, n_test=1000, batch_size=50)
+    task = MnistFC(width=[64], input_shape=data.input_shape, num_outputs=10, num_train=data.num_train, lr=0.1, momentum=0.9)
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    error = trainer.test(task, datamodule=data, verbose=False)[0]["test/error"]
+    assert error < 0.2, f"test error {error:.3f} after 3 epochs on 1000 digits (chance: 0.9)"
+
+
+def test_config_gives_the_talk_sized_network(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from overparam.cli import OverparamCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["overparam"])
+    cli = OverparamCLI(args=["-c", str(REPO / "configs" / "mnist_fc.yaml"), f"--data.data_dir={data_root}"], run=False)
+    assert isinstance(cli.model, MnistFC) and cli.model.N == 443_610
+    assert cli.datamodule.num_train == 55_000 and cli.model.num_train == 55_000
