@@ -70,7 +70,7 @@ class GradientNoise(AnalysisCallback):
         self,
         every_n_steps: Optional[int] = 10,
         small_batch: int = 1,
-        per_sample_chunk: int = 256,
+        per_sample_chunk: int = 128,
         tail_index: bool = True,
         num_minibatches: int = 32,
         minibatch_size: Optional[int] = None,

@@ -104,29 +104,31 @@ def per_sample_moments(
     x: Tensor,
     y: Tensor,
     small_batch: int = 1,
-    chunk: int = 256,
+    chunk: int = 128,
 ) -> NoiseMoments:
     """Per-sample gradients of one batch, grouped into small batches of ``small_batch`` points.
 
     Groups are consecutive points; ``chunk`` (rounded to a multiple of ``small_batch``) bounds
     memory at ``chunk * N`` numbers. Sums are all-reduced (each rank passes its own shard,
-    whose length must be a multiple of ``small_batch``). Default chunk 256: a few hundred MB
-    for N ~ 1e5 in float32.
+    whose length must be a multiple of ``small_batch``). Default chunk 128: 227 MB of float32
+    per-sample gradients for MNIST-FC (N = 443,610).
     """
     if x.shape[0] % small_batch:
         raise ValueError(f"batch of {x.shape[0]} points is not a multiple of small_batch={small_batch}")
     per_sample = per_sample_grad_fn(fn, loss_fn)
     params = {n: p.detach() for n, p in params.items()}
     step = max(small_batch, chunk // small_batch * small_batch)
-    numel = sum(p.numel() for p in params.values())
-    sum_g = torch.zeros(numel, dtype=torch.float64, device=x.device)
+    sums = {n: torch.zeros(p.numel(), dtype=torch.float64, device=x.device) for n, p in params.items()}
     small_sq = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], step):
         g = per_sample(params, buffers, x[start : start + step], y[start : start + step])
-        flat = torch.cat([t.reshape(t.shape[0], -1) for t in g.values()], dim=1).double()  # (b, N)
-        group_means = flat.reshape(-1, small_batch, numel).mean(1)  # (b / small_batch, N)
-        sum_g += flat.sum(0)
-        small_sq += group_means.square().sum()
+        for n, t in g.items():  # per parameter: no (b, N) concatenated copy
+            t = t.reshape(t.shape[0], -1)  # (b, numel)
+            sums[n] += t.sum(0, dtype=torch.float64)
+            group_means = t.reshape(-1, small_batch, t.shape[1]).mean(1)  # (b / small_batch, numel)
+            small_sq += group_means.square().sum(dtype=torch.float64)
+        del g
+    sum_g = torch.cat(list(sums.values()))
     counts = torch.tensor([x.shape[0], x.shape[0] // small_batch], dtype=torch.float64, device=x.device)
     all_reduce_sum(sum_g), all_reduce_sum(small_sq), all_reduce_sum(counts)
     return NoiseMoments(sum_g, small_sq, counts[1], counts[0])
