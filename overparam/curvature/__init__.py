@@ -1,1 +1,50 @@
-"""Curvature engine: Hessian, GGN and residual operators, Lanczos, SLQ (no Lightning inside)."""
+"""Curvature engine: Hessian, GGN and residual operators, Lanczos, SLQ (no Lightning inside).
+
+Operators (``HessianOperator``, ``GGNOperator``, ``ResidualOperator``) are matrix-free symmetric
+N x N matrices of the empirical risk ``1/P sum_i l(f(theta; x_i), y_i)`` over a list of batches;
+under DDP each rank passes its shard and every rank gets the single-process product. The
+algorithms take any ``v -> A v``: ``eigsh``/``top_k``/``bottom_k`` (Lanczos, full
+reorthogonalisation), ``slq`` + ``density``/``moments``/``histogram`` (spectral density),
+``hutchinson`` (trace), ``dense_hessian``/``dense_ggn``/``eigvalsh`` (small-N oracles), and
+``subspace_fraction``/``subspace_overlap`` (gradient in the top subspace). See docs/curvature.md.
+"""
+
+from overparam.curvature._base import CurvatureOperator
+from overparam.curvature.exact import dense_ggn, dense_hessian, eigvalsh
+from overparam.curvature.ggn import GGNOperator
+from overparam.curvature.hessian import HessianOperator
+from overparam.curvature.hvp import HVP_MODES, make_batch_hvp, probe_hvp_modes
+from overparam.curvature.lanczos import EigenResult, LanczosResult, bottom_k, eigsh, lanczos, operator_eigsh, top_k
+from overparam.curvature.residual import ResidualOperator
+from overparam.curvature.slq import SLQResult, density, histogram, moments, slq
+from overparam.curvature.subspace import subspace_fraction, subspace_overlap
+from overparam.curvature.trace import TraceEstimate, hutchinson
+
+__all__ = [
+    "CurvatureOperator",
+    "EigenResult",
+    "GGNOperator",
+    "HVP_MODES",
+    "HessianOperator",
+    "LanczosResult",
+    "ResidualOperator",
+    "SLQResult",
+    "TraceEstimate",
+    "bottom_k",
+    "dense_ggn",
+    "dense_hessian",
+    "density",
+    "eigsh",
+    "eigvalsh",
+    "histogram",
+    "hutchinson",
+    "lanczos",
+    "make_batch_hvp",
+    "moments",
+    "operator_eigsh",
+    "probe_hvp_modes",
+    "slq",
+    "subspace_fraction",
+    "subspace_overlap",
+    "top_k",
+]

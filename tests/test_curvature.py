@@ -1,0 +1,319 @@
+"""Curvature engine against dense oracles: operators, Lanczos, SLQ, trace, subspaces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from overparam.curvature import (
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+    bottom_k,
+    dense_ggn,
+    dense_hessian,
+    density,
+    eigsh,
+    eigvalsh,
+    histogram,
+    hutchinson,
+    lanczos,
+    moments,
+    operator_eigsh,
+    slq,
+    subspace_fraction,
+    subspace_overlap,
+    top_k,
+)
+from overparam.curvature import hvp as hvp_module
+from overparam.curvature.slq import rademacher
+from overparam.functional import FunctionalView
+
+try:
+    from tests.test_curvature_cases import CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case
+except ImportError:  # tests/ not a package
+    from test_curvature_cases import CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case
+
+CASE = {c["id"]: c for c in CASES}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny products on a shared 2-core machine: intra-op threads only oversubscribe (40x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dense(case, **kw):
+    view, loss_fn, batches = make_case(case, **kw)
+    return view, loss_fn, batches, dense_hessian(view.fn, view.params, loss_fn, batches, view.buffers)
+
+
+# --- operators ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["forward_over_reverse", "double_backward"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_hessian_operator_matches_dense_hessian(case, mode):
+    view, loss_fn, batches, H = _dense(case)
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode=mode)
+    assert op.num_points == 40 and op.dim == H.shape[0]
+    compare_matmat(op.matmat, H)
+    compare_consecutive_matmats(op.matmat, op.dim, op.dtype)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_ggn_operator_matches_dense_ggn(case, reverse):
+    view, loss_fn, batches = make_case(case)
+    G = dense_ggn(view.fn, view.params, loss_fn, batches)
+    compare_matmat(GGNOperator.from_view(view, loss_fn, batches, reverse=reverse).matmat, G)
+    assert float(eigvalsh(G)[-1]) >= -1e-10 * float(eigvalsh(G)[0]), "GGN of a convex loss is PSD"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_hessian_is_ggn_plus_residual(case):
+    view, loss_fn, batches, H = _dense(case)
+    G = GGNOperator.from_view(view, loss_fn, batches)
+    R = ResidualOperator.from_view(view, loss_fn, batches, hvp_mode="forward_over_reverse")
+    compare_matmat(lambda V: G.matmat(V) + R.matmat(V), H)
+
+
+def test_residual_vanishes_for_a_linear_model():
+    view, loss_fn, batches = make_case({"model": "linear", "loss": "cross_entropy", "C": 3})
+    R = ResidualOperator.from_view(view, loss_fn, batches)
+    V = torch.randn(R.dim, 2, dtype=torch.float64)
+    assert R.matmat(V).abs().max() < 1e-14
+
+
+def test_hvp_matches_finite_differences_of_the_gradient():
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="forward_over_reverse")
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    eps = 1e-5
+    theta = op.flatten(view.params)
+
+    def grad_at(t):
+        shifted = FunctionalView(view.fn, op.unflatten(t), view.buffers)
+        return HessianOperator.from_view(shifted, loss_fn, batches, hvp_mode="double_backward").loss_and_gradient()[1]
+
+    fd = (grad_at(theta + eps * v) - grad_at(theta - eps * v)) / (2 * eps)
+    torch.testing.assert_close(op.matvec(v), fd, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", [CASE["mlp-sqhinge"], CASE["cnn-ce"]], ids=["mlp-sqhinge", "cnn-ce"])
+def test_hessian_is_symmetric(case):
+    view, loss_fn, batches = make_case(case)
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="forward_over_reverse")
+    g = torch.Generator().manual_seed(2)
+    u, v = (torch.randn(op.dim, dtype=torch.float64, generator=g) for _ in range(2))
+    uHv, vHu = torch.dot(u, op.matvec(v)), torch.dot(v, op.matvec(u))
+    assert abs(float(uHv - vHu)) <= 1e-12 * abs(float(uHv))
+
+
+def test_loss_and_gradient_match_autograd():
+    view, loss_fn, batches = make_case(CASE["cnn-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="forward_over_reverse")
+    leaves = {n: p.clone().requires_grad_(True) for n, p in view.params.items()}
+    total = sum(loss_fn(view.fn(leaves, view.buffers, x), y, reduction="sum") for x, y in batches) / 40
+    grads = torch.autograd.grad(total, list(leaves.values()))
+    loss, g = op.loss_and_gradient()
+    assert loss == pytest.approx(float(total.detach()), rel=1e-12)
+    torch.testing.assert_close(g, torch.cat([t.reshape(-1) for t in grads]))
+
+
+def test_checks_reject_wrong_shapes_and_ensembles():
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="double_backward")
+    with pytest.raises(ValueError, match=r"must have shape \(%d,\)" % op.dim):
+        op.matvec(torch.zeros(op.dim + 1, dtype=torch.float64))
+    stacked = FunctionalView(view.fn, view.params, ensemble_size=2)
+    with pytest.raises(ValueError, match="K = 1 view"):
+        HessianOperator.from_view(stacked, loss_fn, batches)
+
+
+# --- HVP paths -----------------------------------------------------------------------------------
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a backward but no jvp: forward-over-reverse cannot go through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_auto_mode_falls_back_to_double_backward_without_forward_ad():
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    fn = lambda p, b, x: view.fn(p, b, _NoForwardAD.apply(x))
+    op = HessianOperator(fn, view.params, loss_fn, batches, hvp_mode="auto")
+    assert op.hvp_mode == "double_backward"
+    assert op.hvp_timings["forward_over_reverse"] == float("inf")
+    assert set(op.hvp_timings) == {"forward_over_reverse", "double_backward"}
+
+
+def test_compiled_mode_falls_back_to_eager_when_compile_fails(monkeypatch):
+    def broken_compile(f, **kwargs):
+        def fail(*args):
+            raise RuntimeError("Dynamo says no")
+
+        return fail
+
+    monkeypatch.setattr(hvp_module.torch, "compile", broken_compile)
+    view, loss_fn, batches, H = _dense(CASE["mlp-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="compiled")
+    with pytest.warns(UserWarning, match="torch.compile of the HVP failed"):
+        compare_matmat(op.matmat, H)
+
+
+# --- Lanczos ---------------------------------------------------------------------------------------
+def test_lanczos_on_a_diagonal_operator():
+    d = torch.cat([torch.tensor([9.0, 7.0, 5.0, -4.0]), torch.linspace(-1, 1, 196)]).double()
+    result = top_k(lambda v: d * v, d.numel(), k=3, dtype=torch.float64, tol=1e-10)
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([9.0, 7.0, 5.0], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert (result.residuals < 1e-8).all()
+    # Ritz vectors are the unit vectors (up to sign).
+    torch.testing.assert_close(result.eigenvectors[:3].abs(), torch.eye(3, dtype=torch.float64), atol=1e-7, rtol=0)
+    low = bottom_k(lambda v: d * v, d.numel(), k=1, dtype=torch.float64, tol=1e-10)
+    assert float(low.eigenvalues[0]) == pytest.approx(-4.0, rel=1e-12)
+
+
+def test_lanczos_survives_an_invariant_subspace_and_spans_everything_at_m_equals_n():
+    d = torch.tensor([3.0, 3.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # low rank, repeated
+    run = lanczos(lambda v: d * v, torch.ones(6, dtype=torch.float64), num_steps=6)
+    Q = run.basis
+    torch.testing.assert_close(Q.T @ Q, torch.eye(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    theta, _, _ = run.ritz()
+    torch.testing.assert_close(theta, d.sort().values, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])
+def test_top_k_matches_eigvalsh_float64(case):
+    view, loss_fn, batches, H = _dense(case)
+    exact = eigvalsh(H)
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="double_backward")
+    result = operator_eigsh(op, k=5, tol=1e-9)
+    rel = ((result.eigenvalues - exact[:5]).abs() / exact[:5].abs()).max()
+    assert rel <= 1e-6, f"top-5 {result.eigenvalues.tolist()} vs {exact[:5].tolist()}"
+    low = operator_eigsh(op, k=2, which="smallest", tol=1e-9, max_steps=op.dim)
+    rel_low = ((low.eigenvalues - exact.flip(0)[:2]).abs() / exact.abs().max()).max()
+    assert rel_low <= 1e-6
+    # The Ritz vectors are eigenvectors: |H y - theta y| matches the reported residual.
+    y = result.eigenvectors[:, 0]
+    assert float((H @ y - result.eigenvalues[0] * y).norm()) <= 1e-6 * float(exact[0])
+
+
+@pytest.mark.parametrize("case", [CASE["mlp-ce"], CASE["cnn-sqhinge"]], ids=["mlp-ce", "cnn-sqhinge"])
+def test_top_k_matches_eigvalsh_float32(case):
+    view64, loss_fn, batches64, H = _dense(case)
+    view, _, batches = make_case(case, dtype=torch.float32)
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="double_backward")
+    assert op.dtype == torch.float32
+    result = operator_eigsh(op, k=5, tol=1e-6)
+    exact = eigvalsh(H)[:5]
+    assert ((result.eigenvalues - exact).abs() / exact.abs()).max() <= 1e-4
+
+
+def test_ggn_top_eigenvalues_match_dense():
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    G = dense_ggn(view.fn, view.params, loss_fn, batches)
+    result = operator_eigsh(GGNOperator.from_view(view, loss_fn, batches), k=3, tol=1e-9)
+    exact = eigvalsh(G)[:3]
+    assert ((result.eigenvalues - exact).abs() / exact).max() <= 1e-6
+
+
+# --- SLQ, density, trace ------------------------------------------------------------------------------
+def test_slq_quadrature_is_exact_for_low_moments_of_each_probe():
+    view, loss_fn, batches, H = _dense(CASE["mlp-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="double_backward")
+    m = 6
+    result = slq(op.matvec, op.dim, num_probes=2, num_steps=m, seed=11, dtype=torch.float64)
+    for i in range(2):
+        v = rademacher(op.dim, 11 + i, torch.float64, "cpu")
+        for j in range(0, 2 * m):  # Gauss quadrature is exact up to degree 2m - 1
+            want = v @ torch.linalg.matrix_power(H, j) @ v
+            got = (result.weights[i] * result.nodes[i].pow(j)).sum()
+            assert float(got) == pytest.approx(float(want), rel=1e-8, abs=1e-14), f"probe {i}, moment {j}"
+
+
+def test_slq_moments_converge_to_normalised_traces():
+    view, loss_fn, batches, H = _dense(CASE["mlp-sqhinge"])
+    N = H.shape[0]
+    target = torch.stack([torch.trace(torch.linalg.matrix_power(H, j)) / N for j in (1, 2, 3)])
+    evals = torch.linalg.eigvalsh(H)
+    matvec = lambda v: H @ v  # the dense oracle: this test is about the estimator, not the HVP
+
+    def sample(i):
+        r = slq(matvec, N, num_probes=1, num_steps=20, seed=100 + i, dtype=torch.float64)
+        return moments(r.nodes, r.weights, [1, 2, 3])
+
+    check_estimator_convergence(sample, target, target_rel_error=0.05, max_samples=200)
+    assert float(evals.abs().max()) > 0
+
+
+def test_density_integrates_to_one_and_histogram_counts_n():
+    nodes = torch.tensor([[0.0, 0.1, 5.0], [0.05, 0.2, 4.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    grid, phi = density(nodes, weights, num_points=4001)
+    assert float(torch.trapezoid(phi, grid)) == pytest.approx(1.0, abs=1e-6)
+    edges, counts = histogram(nodes, weights, dim=1000, bins=10)
+    assert float(counts.sum()) == pytest.approx(1000.0)
+    assert float(counts[-1]) == pytest.approx(1000 * (0.2 + 0.0) / 2)  # only 5.0 in the last bin
+
+
+def test_hutchinson_converges_to_the_trace():
+    view, loss_fn, batches, H = _dense(CASE["cnn-ce"])
+    target = torch.trace(H).reshape(1)
+
+    def sample(i):
+        return torch.tensor([hutchinson(lambda v: H @ v, H.shape[0], num_probes=1, seed=i, dtype=torch.float64).trace])
+
+    check_estimator_convergence(sample, target, target_rel_error=0.05, max_samples=400)
+    estimate = hutchinson(lambda v: H @ v, H.shape[0], num_probes=8, dtype=torch.float64)
+    assert estimate.samples.numel() == 8 and estimate.stderr > 0
+
+
+# --- gradient in the top subspace (issue 10) ------------------------------------------------------------
+def _quadratic(rotation_angle: float = 0.0):
+    """Linear least squares with H = R^T diag(d) R known in closed form (N = 6, P = 6)."""
+    d = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    R = torch.eye(6, dtype=torch.float64)
+    c, s = math.cos(rotation_angle), math.sin(rotation_angle)
+    R[0, 0], R[0, 3], R[3, 0], R[3, 3] = c, -s, s, c
+    X = 6**0.5 * torch.diag(d.sqrt()) @ R  # X^T X / P = R^T diag(d) R
+    y = torch.arange(1.0, 7.0, dtype=torch.float64).unsqueeze(1)
+    fn = lambda p, b, x: x @ p["w"]
+    from overparam.losses import mse
+
+    w = torch.full((6, 1), 0.3, dtype=torch.float64)
+    return HessianOperator(fn, {"w": w}, mse, [(X, y)], hvp_mode="double_backward"), d, R, X, y, w
+
+
+def test_gradient_fraction_in_top_subspace_equals_the_analytic_value():
+    op, d, R, X, y, w = _quadratic()
+    _, g = op.loss_and_gradient()
+    g_exact = (X.T @ (X @ w - y) / 6).reshape(-1)
+    torch.testing.assert_close(g, g_exact)
+    result = operator_eigsh(op, k=2, tol=1e-12)
+    expected = float(g_exact[:2].square().sum() / g_exact.square().sum())  # H = diag(d): top-2 = e1, e2
+    assert subspace_fraction(g, result.eigenvectors) == pytest.approx(expected, rel=1e-10)
+    full = operator_eigsh(op, k=6, tol=1e-14)
+    assert subspace_fraction(g, full.eigenvectors) == pytest.approx(1.0, rel=1e-12)  # k = N: exact
+
+
+def test_subspace_overlap_equals_the_analytic_value():
+    angle = 0.4
+    op0, *_ = _quadratic(0.0)
+    op1, *_ = _quadratic(angle)
+    U = operator_eigsh(op0, k=1, tol=1e-12).eigenvectors
+    V = operator_eigsh(op1, k=1, tol=1e-12).eigenvectors
+    # Top eigenvector turns from e1 to R^T e1 = (cos, 0, 0, -sin, ...): overlap cos^2.
+    assert subspace_overlap(U, V) == pytest.approx(math.cos(angle) ** 2, rel=1e-10)
+    assert subspace_overlap(U, U) == pytest.approx(1.0)
