@@ -155,7 +155,9 @@ class OverparamCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+            # A list keeps the checkpoint's hparams and hparams.yaml plain YAML (no tuple tag).
+            compute = list if name == "input_shape" else None
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", compute_fn=compute, apply_on="instantiate")
         parser.add_argument(
             "--summary",
             type=bool,

@@ -26,6 +26,7 @@ from overparam.models import ACTIVATIONS, FullyConnected, Width
 from overparam.task import Task
 
 TARGETS = ("regression", "binary", "multiclass", "random")
+BLOCK = 1024
 
 
 class TeacherStudentData(OverparamDataModule):
@@ -97,12 +98,16 @@ class TeacherStudentData(OverparamDataModule):
         return net.requires_grad_(False)
 
     def _inputs(self, n: int, generator: torch.Generator) -> Tensor:
-        x = torch.randn(n, self.input_dim, generator=generator)
+        # Fixed-size blocks keep the first P points the same whatever P is.
+        blocks = -(-n // BLOCK)
+        x = torch.cat([torch.randn(BLOCK, self.input_dim, generator=generator) for _ in range(blocks)])[:n]
         return x * (self.input_dim**0.5 / x.norm(dim=1, keepdim=True))
 
     def _labels(self, x: Tensor, generator: torch.Generator, teacher: nn.Module) -> Tensor:
         if self.target == "random":
-            labels = torch.randint(self.num_classes, (x.shape[0],), generator=generator)
+            blocks = -(-x.shape[0] // BLOCK)
+            labels = torch.cat([torch.randint(self.num_classes, (BLOCK,), generator=generator) for _ in range(blocks)])
+            labels = labels[: x.shape[0]]
             return (2.0 * labels - 1.0) if self.num_outputs == 1 else labels
         with torch.no_grad():
             f = teacher(x)  # (n, C)
@@ -118,9 +123,9 @@ class TeacherStudentData(OverparamDataModule):
         for offset, (name, n) in enumerate((("train", self.P), ("test", self.num_test), ("val", self.num_val))):
             if n == 0:
                 continue
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
-            x = self._inputs(n, generator)
-            splits[name] = (x, self._labels(x, generator, teacher))
+            seed = self.seed * 1_000_003 + 2 * offset
+            x = self._inputs(n, torch.Generator().manual_seed(seed))
+            splits[name] = (x, self._labels(x, torch.Generator().manual_seed(seed + 1), teacher))
         return splits
 
 
