@@ -352,13 +352,14 @@ class PSpinTask(Task):
         with torch.inference_mode(False):
             return energy_and_gradient(self.functional_view(), self._full_batches() if batches is None else batches)
 
-    def halting_results(self) -> dict[str, np.ndarray]:
+    def halting_results(self, batches: Optional[list[tuple[Tensor, Tensor]]] = None) -> dict[str, np.ndarray]:
         """Per member: the energy per spin where it halted, the step, the final rms gradient.
 
         Members that never met ``halt_tol`` report the energy and gradient of their final
-        spins, with ``converged`` False and ``step`` the number of steps run.
+        spins, with ``converged`` False and ``step`` the number of steps run. ``batches``
+        (all coupling rows) defaults to the attached DataModule's.
         """
-        energy, gradient = self.energy_and_gradient()
+        energy, gradient = self.energy_and_gradient(batches)
         rms = tangent(gradient, self.spins().to(gradient.dtype)).norm(dim=1) * self.spins_N**0.5
         halted = self.halted.cpu()
         return {

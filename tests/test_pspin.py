@@ -214,6 +214,24 @@ def test_callbacks_save_halting_energies_and_a_nonnegative_spectrum(tmp_path):
     assert float(trainer.callback_metrics["spherical_hessian/index"]) == 0.0
 
 
+@pytest.mark.slow
+def test_two_ddp_ranks_halt_like_one_process():
+    """Rows sharded over 2 ranks (gloo, ddp_fork): same halting steps, energies and spins."""
+    results = []
+    for kwargs in ({"devices": 1}, {"devices": 2, "strategy": "ddp_fork"}):
+        data, task = make(N=16, K=3, passes_per_epoch=20)
+        trainer = pl.Trainer(
+            max_steps=3000, max_epochs=-1, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        )
+        trainer.fit(task, data)  # ddp_fork sends rank 0's state (halting buffers included) back
+        results.append((task.halt_step.clone(), task.halt_energy.clone(), task.spins().clone()))
+    (step1, energy1, spins1), (step2, energy2, spins2) = results
+    assert (step1 >= 0).all() and torch.equal(step1, step2)
+    torch.testing.assert_close(energy2, energy1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(spins2, spins1, rtol=0, atol=1e-4)
+
+
 def test_bad_configuration_is_one_clear_error():
     with pytest.raises(ConfigError, match="model.input_shape"):
         PSpinTask(input_shape=(10,), num_train=4)
