@@ -149,6 +149,24 @@ def test_filter_normalised_direction_and_line():
     assert gaussian["0.bias"].any()
 
 
+def test_line_along_the_top_hessian_eigenvector():
+    # At the minimum (-1, 0) of the double well H = diag(4, 1); along the top eigenvector
+    # +-e1, L(t) = ((t -+ 1)^2 - 1)^2 / 2 exactly, whose second derivative at 0 is lambda = 4.
+    origin = w(-1, 0)
+    x, y = TOY_DATA["train"][0]
+    loss = lambda v: mse(double_well({"w": v}, {}, x), y)
+    H = torch.autograd.functional.hessian(loss, origin["w"])
+    eigenvalues, eigenvectors = torch.linalg.eigh(H)
+    v = eigenvectors[:, -1]  # a flat vector, as the curvature engine returns
+    assert eigenvalues[-1].item() == pytest.approx(4.0)
+    ev = evaluate_path(double_well, line(origin, v), TOY_DATA, mse, points=9, t_min=-0.2, t_max=0.2)
+    s = ev.t * v[0].sign()
+    torch.testing.assert_close(ev.loss["train"], 0.5 * ((s - 1) ** 2 - 1) ** 2, rtol=1e-12, atol=1e-15)
+    h = 0.05
+    curvature = (ev.loss["train"][3] - 2 * ev.loss["train"][4] + ev.loss["train"][5]) / h**2
+    assert curvature.item() == pytest.approx(4.0, rel=2e-3)
+
+
 def test_bad_inputs_give_one_line_errors():
     cases = [
         (lambda: linear_path(w(0, 0), w(0, 0, 0)), "different architectures: w is \\(2,\\) in a and \\(3,\\) in b"),
