@@ -120,6 +120,7 @@ def histogram(nodes: Tensor, weights: Tensor, dim: int, bins: Tensor | int = 100
     The SLQ analogue of a histogram of all N eigenvalues (Sagun et al. 2017's figure);
     the counts sum to N.
     """
+    nodes, weights = nodes.to(torch.float64), weights.to(torch.float64)
     live = weights > 0
     if isinstance(bins, int):
         lo, hi = float(nodes[live].min()), float(nodes[live].max())

@@ -1,0 +1,523 @@
+"""HessianSpectrum: top eigenvalues, spectral density, GGN split, trace and outliers of the Hessian.
+
+The talk's Observation 2 (Sagun et al. 2017, "Empirical analysis of the Hessian of
+over-parametrized neural networks"; Papyan 2019, 2020): at the start and at the end of training
+the Hessian of the training loss is a bulk near zero plus a few outliers, about one per class.
+This callback measures it on a fixed subset of the training set with the engine in
+``overparam.curvature`` (formulas and sources there) and, as an option, the share of the
+gradient that lies in the top-k eigenspace every n steps (Gur-Ari, Roberts & Dyer 2018).
+
+Outliers (the rule): with the top eigenvalues lambda_1 >= ... >= lambda_k (k = ``top_k``), the
+number of outliers is the largest i < k with lambda_i >= ``outlier_ratio`` * lambda_{i+1} (or
+lambda_i > 0 >= lambda_{i+1}): everything above the last clear gap. 0 when there is no such gap.
+``top_k`` must exceed the number of outliers; the default 2C + 1 (at least 5) leaves room for C.
+
+Outputs, in ``<log_dir>/<name>/`` (rank 0): ``<tag>.npz`` per analysis (tag ``start``,
+``epoch=E`` or ``end``) with eigenvalues, Ritz residuals, SLQ nodes and weights (leading
+member dimension K), a PNG ``<tag>.png`` like the talk's figure (log-scale histogram of the
+spectrum, outliers marked, the fit-start spectrum overlaid), and with ``subspace_every_n_steps``
+the series ``subspace.npz`` and ``subspace_overlap.png`` at fit end. Scalars go to every logger
+as ``<name>/top1``, ``<name>/outliers``, ``<name>/trace``, ...; with K > 1 members every name
+gets the suffix ``/member_k``.
+
+BatchNorm: analyses run in eval mode, so BatchNorm uses its running statistics and the Hessian
+is that of a fixed function of theta (batch statistics would make it depend on the chunking).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from overparam.callbacks.base import FIT_START, AnalysisCallback, analysis_context
+from overparam.curvature import (
+    HVP_MODES,
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+    dense_hessian,
+    eigvalsh,
+    histogram,
+    hutchinson,
+    operator_eigsh,
+    slq,
+    subspace_fraction,
+    subspace_overlap,
+)
+from overparam.errors import ConfigError, check_choice, check_positive
+
+
+def count_outliers(eigenvalues: Sequence[float], ratio: float = 2.0) -> int:
+    """The number of eigenvalues above the last clear gap (the module docstring's rule).
+
+    Args:
+        eigenvalues: the top eigenvalues, largest first.
+        ratio: a gap is ``lambda_i >= ratio * lambda_{i+1}`` (or lambda_i > 0 >= lambda_{i+1}).
+    """
+    values = [float(v) for v in eigenvalues]
+    count = 0
+    for i in range(len(values) - 1):
+        above, below = values[i], values[i + 1]
+        if above > 0 and (below <= 0 or above >= ratio * below):
+            count = i + 1
+    return count
+
+
+class HessianSpectrum(AnalysisCallback):
+    """Hessian spectrum of the training loss at fit start, fit end and on a schedule.
+
+    Args:
+        top_k: largest eigenvalues by Lanczos (default 2C + 1, at least 5: room for C outliers).
+        bottom_k: smallest eigenvalues too (negative directions; default 0).
+        lanczos_steps: most Lanczos steps per run (default ``max(2k + 20, 40)``, see ``eigsh``).
+        tol: stop when every wanted Ritz residual is below ``tol * |lambda_1|`` (default 1e-6).
+        density: also estimate the spectral density by SLQ (needed for the bulk in the PNG).
+        density_probes: SLQ probes (default 1, Ghorbani et al. 2019 Section 2.3).
+        density_steps: Lanczos steps per probe (default 90, Ghorbani et al. 2019).
+        ggn_split: also the top-k of the Gauss-Newton part G and the extreme eigenvalues of the
+            residual R = H - G (Papyan 2019), and their traces on the same probes.
+        trace_probes: Hutchinson probes for tr H (0: no trace; default 10).
+        exact: also the exact spectrum by a dense Hessian and ``eigvalsh`` (small N only).
+        exact_max_params: the largest N ``exact`` accepts (default 5000: a 200 MB matrix).
+        outlier_ratio: the gap that separates outliers from the bulk (default 2).
+        analysis_size: training points analysed (default: the DataModule's ``analysis_size``,
+            or all of them).
+        batch_size: points per chunk of the analysis passes (memory; default: the DataModule's
+            ``eval_batch_size``).
+        hvp_mode: ``auto`` (probe once, keep the fastest), ``forward_over_reverse``,
+            ``compiled`` or ``double_backward``.
+        compile: whether ``auto`` also tries ``torch.compile`` (default: on CUDA only).
+        seed: seed of the Lanczos start vector and of the SLQ/Hutchinson probes (shared by ranks).
+        plot: write PNGs.
+        subspace_every_n_steps: every n optimizer steps, the fraction of the full-batch and the
+            minibatch gradient in the top-``subspace_k`` eigenspace (None: off).
+        subspace_k: dimension of that subspace (default C, the number of outputs).
+        subspace_refresh_every_n_steps: recompute the top eigenvectors every n steps (default:
+            at every measurement). In between, the last Ritz vectors are reused; a measurement at
+            the step of a scheduled analysis reuses that analysis's Ritz vectors.
+        at_fit_start, at_fit_end, every_n_epochs, at_epochs, name: ``AnalysisCallback``'s
+            schedule (default: at fit start and at fit end) and folder/metric prefix.
+
+    Raises:
+        ConfigError: for a bad value (named), ``exact`` with N > ``exact_max_params``, or a
+            DataModule without ``analysis_batches``.
+
+    Example::
+
+        Trainer(callbacks=[HessianSpectrum(top_k=12, density=True, ggn_split=True)])
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: HessianSpectrum
+              init_args: {top_k: 12, ggn_split: true, every_n_epochs: 5}
+    """
+
+    default_name = "hessian"
+
+    def __init__(
+        self,
+        top_k: Optional[int] = None,
+        bottom_k: int = 0,
+        lanczos_steps: Optional[int] = None,
+        tol: float = 1e-6,
+        density: bool = True,
+        density_probes: int = 1,
+        density_steps: int = 90,
+        ggn_split: bool = False,
+        trace_probes: int = 10,
+        exact: bool = False,
+        exact_max_params: int = 5000,
+        outlier_ratio: float = 2.0,
+        analysis_size: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        hvp_mode: str = "auto",
+        compile: Optional[bool] = None,
+        seed: int = 0,
+        plot: bool = True,
+        subspace_every_n_steps: Optional[int] = None,
+        subspace_k: Optional[int] = None,
+        subspace_refresh_every_n_steps: Optional[int] = None,
+        at_fit_start: bool = True,
+        at_fit_end: bool = True,
+        every_n_epochs: Optional[int] = None,
+        at_epochs: Sequence[int] = (),
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name)
+        cls = type(self).__name__
+        for option, value in (
+            ("top_k", top_k),
+            ("lanczos_steps", lanczos_steps),
+            ("analysis_size", analysis_size),
+            ("batch_size", batch_size),
+            ("subspace_every_n_steps", subspace_every_n_steps),
+            ("subspace_k", subspace_k),
+            ("subspace_refresh_every_n_steps", subspace_refresh_every_n_steps),
+        ):
+            if value is not None:
+                check_positive(f"{cls}.{option}", value)
+        check_positive(f"{cls}.bottom_k", bottom_k, allow_zero=True)
+        check_positive(f"{cls}.trace_probes", trace_probes, allow_zero=True)
+        check_positive(f"{cls}.density_probes", density_probes)
+        check_positive(f"{cls}.exact_max_params", exact_max_params)
+        check_positive(f"{cls}.tol", tol, allow_zero=True)
+        if density_steps < 2:
+            raise ConfigError(f"{cls}.density_steps must be at least 2, got {density_steps!r}")
+        if not outlier_ratio > 1:
+            raise ConfigError(f"{cls}.outlier_ratio must be greater than 1, got {outlier_ratio!r}")
+        check_choice(f"{cls}.hvp_mode", hvp_mode, HVP_MODES)
+        self.top_k, self.bottom_k, self.lanczos_steps, self.tol = top_k, bottom_k, lanczos_steps, tol
+        self.density, self.density_probes, self.density_steps = density, density_probes, density_steps
+        self.ggn_split, self.trace_probes = ggn_split, trace_probes
+        self.exact, self.exact_max_params, self.outlier_ratio = exact, exact_max_params, outlier_ratio
+        self.analysis_size, self.batch_size = analysis_size, batch_size
+        self.hvp_mode, self.compile, self.seed, self.plot = hvp_mode, compile, seed, plot
+        self.subspace_every_n_steps = subspace_every_n_steps
+        self.subspace_k = subspace_k
+        self.subspace_refresh_every_n_steps = subspace_refresh_every_n_steps or subspace_every_n_steps
+        self.subspace_history: list[dict[str, Any]] = []
+        # Per member: (global step, Ritz vectors (N, k), eigenvalues). Not checkpointed (N x k).
+        self._ritz: dict[int, tuple[int, Tensor, Tensor]] = {}
+        self._previous_vectors: dict[int, Tensor] = {}
+        self._resolved_mode: Optional[str] = None
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check what needs the model and data: ``analysis_batches`` and the exact size limit."""
+        cls = type(self).__name__
+        if not hasattr(trainer.datamodule, "analysis_batches"):
+            raise ConfigError(f"{cls} needs an overparam DataModule with analysis_batches(); got {type(trainer.datamodule).__name__}")
+        N = getattr(pl_module, "N", None)
+        if self.exact and N is not None and N > self.exact_max_params:
+            raise ConfigError(
+                f"{cls}.exact needs N <= exact_max_params = {self.exact_max_params}; this model has N = {N:,} "
+                "(turn exact off or raise exact_max_params)"
+            )
+
+    def _num_top(self, pl_module: pl.LightningModule, N: int) -> int:
+        k = self.top_k or max(2 * int(pl_module.num_outputs) + 1, 5)
+        if k > N:
+            rank_zero_warn(f"{type(self).__name__}.top_k = {k} exceeds N = {N}; using N")
+        return min(k, N)
+
+    def _batches(self, trainer: pl.Trainer) -> list:
+        return trainer.datamodule.analysis_batches(size=self.analysis_size, batch_size=self.batch_size)
+
+    def _hessian(self, view, loss_fn, batches) -> HessianOperator:
+        op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode=self._resolved_mode or self.hvp_mode, compile=self.compile)
+        self._resolved_mode = op.hvp_mode
+        return op
+
+    # --- one analysis -------------------------------------------------------------------------
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        """Spectrum of every member at the current params; log, save npz and PNG."""
+        view = pl_module.functional_view()
+        batches = self._batches(trainer)
+        K = view.ensemble_size
+        results = [self._analyse_member(view.member(k), pl_module, batches, k, trainer.global_step) for k in range(K)]
+        metrics: dict[str, float] = {}
+        for k, result in enumerate(results):
+            suffix = f"/member_{k}" if K > 1 else ""
+            metrics.update({f"{key}{suffix}": value for key, value in result["scalars"].items()})
+            self.history.append(
+                {
+                    "tag": tag,
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.global_step,
+                    "member": k,
+                    **result["scalars"],
+                    "eigenvalues": result["top"].tolist(),
+                    "nodes": result["nodes"].tolist() if result["nodes"] is not None else None,
+                    "weights": result["weights"].tolist() if result["weights"] is not None else None,
+                    "exact": result["exact"].tolist() if result["exact"] is not None else None,
+                    "N": result["N"],
+                }
+            )
+        self.log_metrics(trainer, pl_module, metrics)
+        self._save(trainer, tag, results)
+        if trainer.is_global_zero:
+            self.log_histogram(trainer, "eigenvalues", _histogram_samples(results[0]))
+            if self.plot:
+                for k in range(K):
+                    filename = f"{tag}.png" if K == 1 else f"{tag}_member{k}.png"
+                    path = self._plot(trainer, k, tag, filename)
+                    self.log_image(trainer, "spectrum" if K == 1 else f"spectrum/member_{k}", path)
+
+    def _analyse_member(self, view, pl_module, batches, member: int, step: int) -> dict[str, Any]:
+        loss_fn = pl_module.loss_fn
+        H = self._hessian(view, loss_fn, batches)
+        k = self._num_top(pl_module, H.dim)
+        eig_kwargs = {"max_steps": self.lanczos_steps, "tol": self.tol, "seed": self.seed}
+        top = operator_eigsh(H, k=k, **eig_kwargs)
+        if self.subspace_every_n_steps is not None:  # reused by the subspace measurements
+            self._ritz[member] = (step, top.eigenvectors, top.eigenvalues)
+        scalars: dict[str, float] = {f"top{i + 1}": float(v) for i, v in enumerate(top.eigenvalues)}
+        scalars["outliers"] = count_outliers(top.eigenvalues.tolist(), self.outlier_ratio)
+        scalars["ritz_residual_max"] = float(top.residuals.max() / max(float(top.eigenvalues.abs().max()), 1e-30))
+        out: dict[str, Any] = {"top": top.eigenvalues, "residuals": top.residuals, "N": H.dim}
+        out["bottom"] = out["bottom_residuals"] = torch.zeros(0, dtype=torch.float64)
+        if self.bottom_k:
+            bottom = operator_eigsh(H, k=min(self.bottom_k, H.dim), which="smallest", **eig_kwargs)
+            scalars.update({f"bottom{i + 1}": float(v) for i, v in enumerate(bottom.eigenvalues)})
+            out["bottom"], out["bottom_residuals"] = bottom.eigenvalues, bottom.residuals
+        if self.trace_probes:
+            trace = hutchinson(H.matvec, H.dim, self.trace_probes, self.seed, H.dtype, H.device)
+            scalars["trace"], scalars["trace_stderr"] = trace.trace, trace.stderr
+        out["nodes"] = out["weights"] = None
+        if self.density:
+            result = slq(H.matvec, H.dim, self.density_probes, self.density_steps, self.seed, H.dtype, H.device)
+            out["nodes"], out["weights"] = result.nodes, result.weights
+        if self.ggn_split:
+            self._ggn_split(view, loss_fn, batches, k, eig_kwargs, scalars, out)
+        out["exact"] = None
+        if self.exact:
+            out["exact"] = eigvalsh(dense_hessian(view.fn, view.params, loss_fn, batches, view.buffers))
+            scalars["exact_top1"] = float(out["exact"][0])
+        out["scalars"] = scalars
+        return out
+
+    def _ggn_split(self, view, loss_fn, batches, k, eig_kwargs, scalars, out) -> None:
+        G = GGNOperator.from_view(view, loss_fn, batches)
+        R = ResidualOperator.from_view(view, loss_fn, batches, hvp_mode=self._resolved_mode)
+        ggn = operator_eigsh(G, k=k, **eig_kwargs)
+        res_top = operator_eigsh(R, k=1, **eig_kwargs)
+        res_bottom = operator_eigsh(R, k=1, which="smallest", **eig_kwargs)
+        scalars.update({f"ggn_top{i + 1}": float(v) for i, v in enumerate(ggn.eigenvalues)})
+        scalars["residual_top1"], scalars["residual_bottom1"] = float(res_top.eigenvalues[0]), float(res_bottom.eigenvalues[0])
+        if self.trace_probes:  # the same probes as tr H: tr G + tr R = tr H sample by sample
+            scalars["ggn_trace"] = hutchinson(G.matvec, G.dim, self.trace_probes, self.seed, G.dtype, G.device).trace
+            scalars["residual_trace"] = hutchinson(R.matvec, R.dim, self.trace_probes, self.seed, R.dtype, R.device).trace
+        out["ggn_top"], out["ggn_residuals"] = ggn.eigenvalues, ggn.residuals
+        out["residual_extremes"] = torch.stack([res_top.eigenvalues[0], res_bottom.eigenvalues[0]])
+
+    # --- files -----------------------------------------------------------------------------------
+    def _save(self, trainer: pl.Trainer, tag: str, results: list[dict[str, Any]]) -> None:
+        arrays = {
+            "epoch": np.array(trainer.current_epoch),
+            "step": np.array(trainer.global_step),
+            "N": np.array(results[0]["N"]),
+            "eigenvalues": _stack([r["top"] for r in results]),
+            "ritz_residuals": _stack([r["residuals"] for r in results]),
+            "bottom_eigenvalues": _stack([r["bottom"] for r in results]),
+            "bottom_ritz_residuals": _stack([r["bottom_residuals"] for r in results]),
+            "outliers": np.array([r["scalars"]["outliers"] for r in results]),
+        }
+        if self.trace_probes:
+            arrays["trace"] = np.array([r["scalars"]["trace"] for r in results])
+        if self.density:
+            arrays["density_nodes"] = _stack([r["nodes"] for r in results])
+            arrays["density_weights"] = _stack([r["weights"] for r in results])
+        if self.ggn_split:
+            arrays["ggn_eigenvalues"] = _stack([r["ggn_top"] for r in results])
+            arrays["ggn_ritz_residuals"] = _stack([r["ggn_residuals"] for r in results])
+            arrays["residual_extremes"] = _stack([r["residual_extremes"] for r in results])
+        if self.exact:
+            arrays["exact_eigenvalues"] = _stack([r["exact"] for r in results])
+        self.save_npz(trainer, f"{tag}.npz", **arrays)
+
+    def _plot(self, trainer: pl.Trainer, member: int, tag: str, filename: str) -> str:
+        entries = [h for h in self.history if h["member"] == member]
+        current = entries[-1]
+        start = next((h for h in entries if h["tag"] == FIT_START), None)
+        shown = [start, current] if start is not None and start is not current else [current]
+        path = os.path.join(self.output_dir(trainer), filename)
+        plot_spectra(shown, path, self.outlier_ratio)
+        return path
+
+    # --- gradient in the top subspace (issue 10) ---------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Every ``subspace_every_n_steps`` steps (grads present, params not yet updated): measure."""
+        n = self.subspace_every_n_steps
+        # global_step counts finished steps: 0 here before the first update.
+        if n is None or trainer.global_step % n != 0:
+            return
+        if any(h["step"] == trainer.global_step for h in self.subspace_history):
+            return  # already measured (a resumed run, or gradient accumulation)
+        with analysis_context(pl_module):
+            self._measure_subspace(trainer, pl_module)
+
+    def _measure_subspace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        view = pl_module.functional_view()
+        batches = self._batches(trainer)
+        step, K = trainer.global_step, view.ensemble_size
+        metrics: dict[str, float] = {}
+        for k in range(K):
+            member = view.member(k)
+            H = self._hessian(member, pl_module.loss_fn, batches)
+            dim = min(self.subspace_k or int(pl_module.num_outputs), H.dim)
+            U, overlap, refreshed = self._subspace(H, k, dim, step)
+            _, g_full = H.loss_and_gradient()
+            g_batch = _minibatch_gradient(view, k)
+            row = {
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "member": k,
+                "fraction_full": subspace_fraction(g_full, U),
+                "fraction_batch": subspace_fraction(g_batch, U) if g_batch is not None else math.nan,
+                "overlap": overlap,
+                "refreshed": refreshed,
+            }
+            self.subspace_history.append(row)
+            suffix = f"/member_{k}" if K > 1 else ""
+            for key in ("fraction_full", "fraction_batch", "overlap"):
+                if not math.isnan(row[key]):
+                    metrics[f"subspace_{key}{suffix}"] = row[key]
+        self.log_metrics(trainer, pl_module, metrics)
+
+    def _subspace(self, H: HessianOperator, member: int, dim: int, step: int) -> tuple[Tensor, float, bool]:
+        """Top-``dim`` Ritz vectors, reused while fresh enough; overlap with the previous set.
+
+        Returns ``(U, overlap, refreshed)``: ``refreshed`` when U was computed at this step (here
+        or by a scheduled analysis at the same step); the overlap with the last refreshed U is
+        measured only then (NaN otherwise, and at the first measurement).
+        """
+        cached = self._ritz.get(member)
+        reusable = (
+            cached is not None
+            and cached[1].shape[1] >= dim
+            and step - cached[0] < self.subspace_refresh_every_n_steps
+        )
+        if not reusable:
+            top = operator_eigsh(H, k=dim, max_steps=self.lanczos_steps, tol=self.tol, seed=self.seed)
+            cached = self._ritz[member] = (step, top.eigenvectors, top.eigenvalues)
+        U = cached[1][:, :dim]
+        refreshed = cached[0] == step
+        overlap = math.nan
+        if refreshed:
+            previous = self._previous_vectors.get(member)
+            if previous is not None:
+                overlap = subspace_overlap(previous, U)
+            self._previous_vectors[member] = U
+        return U, overlap, refreshed
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the last epoch: the fit-end analysis, then the subspace series and its plot."""
+        super().on_train_end(trainer, pl_module)
+        if self.subspace_every_n_steps is None or not self.subspace_history or not trainer.is_global_zero:
+            return
+        rows = self.subspace_history
+        self.save_npz(
+            trainer,
+            "subspace.npz",
+            **{key: np.array([r[key] for r in rows]) for key in ("step", "epoch", "member", "fraction_full", "fraction_batch", "overlap", "refreshed")},
+        )
+        if self.plot:
+            path = os.path.join(self.output_dir(trainer), "subspace_overlap.png")
+            plot_subspace(rows, path)
+            self.log_image(trainer, "subspace_overlap", path)
+
+    # --- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "subspace_history": self.subspace_history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.subspace_history = list(state_dict.get("subspace_history", []))
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _minibatch_gradient(view, member: int) -> Optional[Tensor]:
+    """The training step's gradient of one member from ``.grad`` (None before any backward)."""
+    grads = []
+    for p in view.params.values():
+        if p.grad is None:
+            return None
+        grads.append((p.grad[member] if view.ensemble_size > 1 else p.grad).reshape(-1))
+    return torch.cat(grads).detach()
+
+
+def _stack(arrays: list[Optional[Tensor]]) -> np.ndarray:
+    """Stack per-member 1-D or 2-D arrays along a leading K axis, padding with NaN."""
+    arrays = [np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64) for a in arrays]
+    shape = tuple(max(a.shape[d] for a in arrays) for d in range(arrays[0].ndim))
+    out = np.full((len(arrays), *shape), np.nan)
+    for k, a in enumerate(arrays):
+        out[(k, *tuple(slice(0, s) for s in a.shape))] = a
+    return out
+
+
+def _histogram_samples(result: dict[str, Any]) -> np.ndarray:
+    """Values whose histogram looks like the spectrum: exact eigenvalues, else SLQ nodes each
+    repeated in proportion to its weight (1000 samples per probe), else the top eigenvalues."""
+    if result["exact"] is not None:
+        return result["exact"].numpy()
+    if result["nodes"] is not None:
+        nodes, weights = result["nodes"].numpy().ravel(), result["weights"].numpy().ravel()
+        return np.repeat(nodes, np.maximum(np.round(weights * 1000), 0).astype(int))
+    return result["top"].numpy()
+
+
+def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float = 2.0) -> None:
+    """Log-scale histogram of each entry's spectrum, outliers marked, spectra overlaid.
+
+    An entry (a history row) gives ``exact`` eigenvalues (a true histogram), else SLQ
+    ``nodes``/``weights`` (counts ``N * weight`` per bin, summing to N), else only its top
+    eigenvalues. Outliers (``count_outliers``) are marked with dashed lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = []
+    for e in entries:
+        values += e["eigenvalues"] + (e["exact"] or []) + [v for row in (e["nodes"] or []) for v in row]
+    lo, hi = min(values), max(values)
+    pad = 0.02 * max(hi - lo, 1e-12)
+    bins = torch.linspace(lo - pad, hi + pad, 101, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = ["tab:blue", "tab:red"] if len(entries) == 2 else ["tab:red"]
+    for e, color in zip(entries, colors):
+        label = f"{e['tag']} (epoch {e['epoch']})"
+        if e["exact"] is not None:
+            counts = torch.histogram(torch.tensor(e["exact"], dtype=torch.float64), bins).hist
+        elif e["nodes"] is not None:
+            nodes, weights = (torch.tensor(e[key], dtype=torch.float64) for key in ("nodes", "weights"))
+            counts = histogram(nodes, weights, e["N"], bins)[1]
+        else:
+            counts = torch.histogram(torch.tensor(e["eigenvalues"], dtype=torch.float64), bins).hist
+            label += ", top-k only"
+        ax.stairs(counts.numpy(), bins.numpy(), color=color, label=label, fill=True, alpha=0.35)
+        n_out = count_outliers(e["eigenvalues"], outlier_ratio)
+        for i, lam in enumerate(e["eigenvalues"][:n_out]):
+            ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outliers" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue of the Hessian")
+    ax.set_ylabel("number of eigenvalues")
+    ax.set_title(f"Hessian spectrum (N = {entries[-1]['N']:,})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_subspace(rows: list[dict[str, Any]], path: str) -> None:
+    """Gradient fraction in the top subspace and overlap of successive subspaces vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for member in sorted({r["member"] for r in rows}):
+        mine = [r for r in rows if r["member"] == member]
+        tag = f" (member {member})" if member else ""
+        ax.plot([r["step"] for r in mine], [r["fraction_full"] for r in mine], label="|P g_full|^2/|g_full|^2" + tag)
+        ax.plot([r["step"] for r in mine], [r["fraction_batch"] for r in mine], label="|P g_batch|^2/|g_batch|^2" + tag, alpha=0.7)
+        over = [r for r in mine if not math.isnan(r["overlap"])]
+        ax.plot([r["step"] for r in over], [r["overlap"] for r in over], "o-", label="overlap of successive top-k subspaces" + tag)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,191 @@
+"""HessianSpectrum: logged values and files, exact agreement, K > 1, subspace option, errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from overparam.callbacks import HessianSpectrum
+from overparam.callbacks.hessian import count_outliers
+from overparam.curvature import dense_hessian, eigvalsh
+from overparam.errors import ConfigError
+from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
+
+try:
+    from tests.conftest import CONFIGS
+except ImportError:  # tests/ not a package
+    from conftest import CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fit(tmp_path, callbacks, width=8, ensemble_size=1, init_seed=0, max_epochs=1, target="multiclass", **trainer_kw):
+    data = TeacherStudentData(input_dim=5, num_train=96, num_test=32, target=target, num_classes=3, batch_size=32)
+    task = TeacherStudent(
+        width=width, depth=1, input_shape=data.input_shape, num_outputs=data.num_outputs, num_train=data.num_train,
+        lr=0.2, ensemble_size=ensemble_size, init_seed=init_seed,
+    )
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, callbacks=callbacks, logger=CSVLogger(tmp_path), accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **trainer_kw,
+    )
+    trainer.fit(task, datamodule=data)
+    return trainer, task, data
+
+
+def test_count_outliers_rule():
+    for eigenvalues, expected in [
+        ([10.0, 9.0, 1.0, 0.9, 0.8], 2),  # one clear gap after two
+        ([10.0, 1.0, 0.9, 0.45, 0.44], 3),  # the last clear gap wins
+        ([1.0, 0.9, 0.8], 0),  # no gap: all bulk
+        ([3.0, -0.1, -0.2], 1),  # a positive eigenvalue above a non-positive bulk edge
+        ([-1.0, -2.0], 0),
+    ]:
+        assert count_outliers(eigenvalues, ratio=2.0) == expected, eigenvalues
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"hvp_mode": "magic"}, "HessianSpectrum.hvp_mode must be one of auto"),
+        ({"top_k": 0}, "HessianSpectrum.top_k must be positive"),
+        ({"outlier_ratio": 1.0}, "HessianSpectrum.outlier_ratio must be greater than 1"),
+        ({"density_steps": 1}, "HessianSpectrum.density_steps must be at least 2"),
+        ({"subspace_every_n_steps": -3}, "HessianSpectrum.subspace_every_n_steps must be positive"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        HessianSpectrum(**kwargs)
+
+
+def test_exact_refuses_a_large_model(tmp_path):
+    with pytest.raises(ConfigError, match="exact needs N <= exact_max_params = 10"):
+        _fit(tmp_path, [HessianSpectrum(exact=True, exact_max_params=10)])
+
+
+def test_spectrum_matches_the_dense_hessian_and_leaves_training_untouched(tmp_path):
+    callback = HessianSpectrum(top_k=4, bottom_k=1, density_steps=20, ggn_split=True, exact=True, trace_probes=4)
+    trainer, task, data = _fit(tmp_path / "with", [callback])
+    _, plain, _ = _fit(tmp_path / "without", [])
+    for (name, p), q in zip(task.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), f"the callback changed training ({name})"
+    # Fit end: Lanczos top-4 against eigvalsh of the dense Hessian on the same (whole) data.
+    view = task.functional_view()
+    H = dense_hessian(view.fn, view.params, task.loss_fn, data.analysis_batches(), view.buffers, dtype=torch.float64)
+    exact = eigvalsh(H)
+    end = callback.history[-1]
+    assert end["tag"] == "end" and [h["tag"] for h in callback.history] == ["start", "end"]
+    np.testing.assert_allclose(end["eigenvalues"], exact[:4].numpy(), rtol=1e-4)
+    assert end["bottom1"] == pytest.approx(float(exact[-1]), rel=1e-4, abs=1e-6 * float(exact[0]))
+    assert end["exact_top1"] == pytest.approx(float(exact[0]), rel=1e-5)
+    assert end["ggn_trace"] + end["residual_trace"] == pytest.approx(end["trace"], rel=1e-5)
+    assert end["outliers"] == count_outliers(end["eigenvalues"])
+    # Logged to the logger and to callback_metrics.
+    assert float(trainer.callback_metrics["hessian/top1"]) == pytest.approx(end["top1"], rel=1e-6)
+    rows = list(csv.DictReader(open(f"{trainer.log_dir}/metrics.csv")))
+    logged = [float(r["hessian/top1"]) for r in rows if r.get("hessian/top1")]
+    assert logged == pytest.approx([h["top1"] for h in callback.history], rel=1e-6)
+    # Files: one npz per analysis, PNGs.
+    arrays = np.load(f"{trainer.log_dir}/hessian/end.npz")
+    assert arrays["eigenvalues"].shape == (1, 4) and arrays["exact_eigenvalues"].shape == (1, task.N)
+    assert np.all(np.diff(arrays["eigenvalues"][0]) <= 0)
+    assert arrays["density_nodes"].shape == (1, 1, 20)
+    np.testing.assert_allclose(arrays["density_weights"].sum(-1), 1.0, rtol=1e-5)
+    for name in ("start.npz", "start.png", "end.png"):
+        assert (tmp_path / "with").joinpath(*trainer.log_dir.split("/")[-2:], "hessian", name).exists(), name
+
+
+def test_ensemble_members_are_analysed_separately(tmp_path):
+    callback = HessianSpectrum(top_k=3, density=False, trace_probes=0, at_fit_end=False, hvp_mode="double_backward")
+    trainer, _, _ = _fit(tmp_path / "k2", [callback], ensemble_size=2, max_epochs=1)
+    assert {"hessian/top1/member_0", "hessian/top1/member_1"} <= set(trainer.callback_metrics)
+    single = HessianSpectrum(top_k=3, density=False, trace_probes=0, at_fit_end=False, hvp_mode="double_backward")
+    _fit(tmp_path / "k1", [single], init_seed=1)  # member 1 of the ensemble is init_seed + 1
+    member1 = [h for h in callback.history if h["member"] == 1][0]
+    np.testing.assert_allclose(member1["eigenvalues"], single.history[0]["eigenvalues"], rtol=1e-4)
+    arrays = np.load(f"{trainer.log_dir}/hessian/start.npz")
+    assert arrays["eigenvalues"].shape == (2, 3)
+
+
+def test_gradient_subspace_series_reuses_ritz_vectors(tmp_path):
+    callback = HessianSpectrum(
+        top_k=3, density=False, trace_probes=0, at_fit_start=False, plot=True,
+        subspace_every_n_steps=1, subspace_refresh_every_n_steps=2, subspace_k=2,
+    )
+    trainer, _, _ = _fit(tmp_path, [callback], max_epochs=2)  # 3 steps per epoch: steps 0..5
+    rows = callback.subspace_history
+    assert [r["step"] for r in rows] == list(range(6))
+    assert [r["refreshed"] for r in rows] == [True, False] * 3, "eigenvectors recomputed every 2 steps only"
+    assert math.isnan(rows[0]["overlap"]) and all(math.isnan(r["overlap"]) for r in rows[1::2])
+    assert all(0.0 <= r["overlap"] <= 1.0 + 1e-9 for r in rows[2::2])
+    assert all(0.0 <= r[key] <= 1.0 + 1e-9 for r in rows for key in ("fraction_full", "fraction_batch"))
+    arrays = np.load(f"{trainer.log_dir}/hessian/subspace.npz")
+    np.testing.assert_array_equal(arrays["step"], np.arange(6))
+    assert (tmp_path.joinpath(*trainer.log_dir.split("/")[-2:], "hessian", "subspace_overlap.png")).exists()
+    assert "hessian/subspace_fraction_full" in trainer.callback_metrics
+
+
+def test_projection_is_exact_when_k_equals_n(tmp_path):
+    # width 1: N = 5 + 1 + 3 + 3 = 12; with k = N the gradient lies wholly in the subspace.
+    callback = HessianSpectrum(top_k=2, density=False, trace_probes=0, at_fit_start=False, at_fit_end=False,
+                               subspace_every_n_steps=2, subspace_k=12, tol=0.0)
+    _fit(tmp_path, [callback], width=1)
+    for row in callback.subspace_history:
+        assert row["fraction_full"] == pytest.approx(1.0, abs=1e-5)
+        assert row["fraction_batch"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_state_dict_keeps_history_and_done_tags():
+    callback = HessianSpectrum()
+    callback.history = [{"tag": "start", "top1": 1.0}]
+    callback.done = ["start"]
+    callback.subspace_history = [{"step": 0}]
+    restored = HessianSpectrum()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.history == callback.history and restored.done == ["start"] and restored.subspace_history == [{"step": 0}]
+
+
+def test_cli_run_writes_files_and_logs_values(cli, tmp_path):
+    result = cli(
+        "fit", "-c", str(CONFIGS / "teacher_student.yaml"),
+        "--trainer.callbacks+=HessianSpectrum",
+        "--trainer.callbacks.init_args.top_k=3",
+        "--trainer.callbacks.init_args.density_steps=20",
+        "--trainer.callbacks.init_args.exact=true",
+        "--trainer.max_epochs=1", "--data.num_train=128", "--model.width=8", "--summary=false",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "teacher_student" / "version_0"
+    for name in ("start.npz", "end.npz", "start.png", "end.png"):
+        assert (run / "hessian" / name).exists(), name
+    end = np.load(run / "hessian" / "end.npz")
+    np.testing.assert_allclose(end["eigenvalues"][0], end["exact_eigenvalues"][0, :3], rtol=1e-4)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    logged = [float(r["hessian/top1"]) for r in rows if r.get("hessian/top1")]
+    assert len(logged) == 2 and logged[-1] == pytest.approx(float(end["eigenvalues"][0, 0]), rel=1e-6)
+    assert any(r.get("hessian/outliers") for r in rows) and any(r.get("hessian/trace") for r in rows)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    single = HessianSpectrum(top_k=3, density=False, trace_probes=2, at_fit_end=False, hvp_mode="double_backward")
+    _fit(tmp_path / "one", [single], max_epochs=1)
+    ddp = HessianSpectrum(top_k=3, density=False, trace_probes=2, at_fit_end=False, hvp_mode="double_backward")
+    _fit(tmp_path / "two", [ddp], max_epochs=1, strategy="ddp_fork", devices=2)
+    np.testing.assert_allclose(ddp.history[0]["eigenvalues"], single.history[0]["eigenvalues"], rtol=1e-5)
+    assert ddp.history[0]["trace"] == pytest.approx(single.history[0]["trace"], rel=1e-5)
