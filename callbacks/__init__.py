@@ -4,3 +4,4 @@ from overparam.callbacks.gradient_noise import GradientNoise  # noqa: F401
 from overparam.callbacks.barriers import InterpolationBarrier  # noqa: F401
 from overparam.callbacks.constraints import ConstraintCounter  # noqa: F401
 from overparam.callbacks.ensemble import EnsembleEvaluation  # noqa: F401
+from overparam.callbacks.hessian import HessianSpectrum  # noqa: F401
