@@ -183,17 +183,16 @@ class OverparamCLI(LightningCLI):
         if self.datamodule is not None and "test" in self.datamodule.splits:
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             test = results[0] if results else {}
-        self._print_summary(train, test)
+        self._print_summary(train, test, self.trainer.log_dir)  # log_dir is a collective: all ranks
 
     @rank_zero_only
-    def _print_summary(self, train: dict[str, float], test: dict[str, float]) -> None:
+    def _print_summary(self, train: dict[str, float], test: dict[str, float], log_dir: Optional[str]) -> None:
         model = self.model
         rows = [f"N = {model.N:,}  P = {model.num_train:,}  K = {model.ensemble_size}"]
         for split, values in (("train", train), ("test", test)):
             loss, error = values.get(f"{split}/loss"), values.get(f"{split}/error")
             if loss is not None:
                 rows.append(f"{split:5s} loss {loss:.6g}  error {error:.4%}")
-        log_dir = self.trainer.log_dir
         if log_dir:
             rows.append(f"run folder: {log_dir}")
         print("overparam summary: " + "\n                   ".join(rows))
@@ -223,6 +222,8 @@ def _quiet_known_warnings() -> None:
         ".*The number of training batches.*is smaller than the logging interval.*",
         ".*Total length of .* across ranks is zero.*",
         ".*isinstance\\(treespec, LeafSpec\\).*",
+        # Task metrics are torchmetrics states already reduced across ranks before logging.
+        r".*It is recommended to use `self.log\('(train|val|test)/.*sync_dist=True.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
