@@ -181,3 +181,27 @@ def test_bad_inputs_end_with_one_line(runs, tmp_path, capsys):
         err = one_line_error(capsys)
         assert __import__("re").search(message, err), err
     assert not (tmp_path / "never").exists(), "nothing written on error"
+
+
+@pytest.mark.slow
+def test_connect_two_mnist_fc_runs(data_root, tmp_path):
+    """The MNIST-FC plugin end to end: two seeds on 2,000 digits, linear barrier vs fitted curve."""
+    config = CONFIG.parent / "mnist_fc.yaml"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        common = ["fit", "-c", str(config), f"--data.data_dir={data_root}", "--data.n_train=2000", "--data.n_test=2000",
+                  "--data.val_size=0", "--model.init_args.width=[64]", "--trainer.max_epochs=8", "--data.batch_size=100"]
+        for seed in (1, 2):
+            assert overparam([*common, f"--model.init_args.init_seed={seed}", f"--trainer.logger.init_args.name=s{seed}"]) == 0
+        a, b = tmp_path / "runs" / "s1" / "version_0", tmp_path / "runs" / "s2" / "version_0"
+        out = tmp_path / "conn"
+        assert overparam(["connect", "--a", str(a), "--b", str(b), "--points", "11", "--steps", "600", "--lr", "0.05", "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    barriers = json.loads((out / "barriers.json").read_text())
+    curve = np.load(out / "curve.npz")
+    assert curve["linear_test_loss"][0] == pytest.approx(last_logged(a, "test/loss"), rel=1e-6)
+    assert curve["linear_test_loss"][-1] == pytest.approx(last_logged(b, "test/loss"), rel=1e-6)
+    assert barriers["linear/train/loss/barrier"] > 0.1, barriers
+    assert barriers["bezier/train/loss/barrier"] < 0.5 * barriers["linear/train/loss/barrier"], barriers

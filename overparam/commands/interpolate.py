@@ -136,13 +136,13 @@ def member_view(run: Run, member: int, option: str) -> FunctionalView:
 
 
 def evaluation_data(run: Run, splits: list[str], size: Optional[int], batch_size: Optional[int], device: torch.device | str) -> dict:
-    """Each split's fixed analysis batches (all points unless ``--size``), on the device."""
+    """Each split's fixed analysis batches (all points unless ``--size`` for train), on the device."""
     run.datamodule.setup()
     data = {}
     for split in splits:
         if split not in run.datamodule.splits:
             raise ConfigError(f"--splits: {type(run.datamodule).__name__} has no {split!r} split; it has {', '.join(sorted(run.datamodule.splits))}")
-        batches = run.datamodule.analysis_batches(split, size=size, batch_size=batch_size, shard_across_ranks=False)
+        batches = run.datamodule.analysis_batches(split, size=size if split == "train" else None, batch_size=batch_size, shard_across_ranks=False)
         data[split] = [(_cast(x, run.dtype, device), _cast(y, run.dtype, device)) for x, y in batches]
     return data
 
@@ -200,26 +200,29 @@ def main(argv: list[str], prog: str = "overparam interpolate", default_path: str
     args = build_parser(prog, default_path).parse_args(argv)
     if (args.b is None) == (args.direction is None):
         raise ConfigError("give exactly one of --b (a path between two runs) and --direction (a line away from --a)")
+    landscape.grid(args.points, args.t_min, args.t_max)  # bad grid values fail before any loading
     splits = [s for s in args.splits.split(",") if s]
     device = torch.device(args.device)
     run_a = load_run(args.a, "--a", device)
     view_a = member_view(run_a, args.member_a, "--member-a")
+    run_b = None
+    if args.b is not None:  # both runs first: a bad --b fails before any data is loaded
+        same = os.path.realpath(args.a) == os.path.realpath(args.b)
+        run_b = run_a if same else load_run(args.b, "--b", device)
+        member_b = args.member_b if args.member_b is not None else (1 if same and run_a.task.ensemble_size > 1 else 0)
+        view_b = member_view(run_b, member_b, "--member-b")
+        landscape.check_same_shapes(view_a.params, view_b.params, ("--a", "--b"))
     data = evaluation_data(run_a, splits, args.size, args.batch_size, device)
     task = run_a.task
     bn_module = task.net if task.ensemble_size == 1 else None
     kwargs = dict(points=args.points, t_min=args.t_min, t_max=args.t_max, buffers=view_a.buffers, bn_module=bn_module)
     evaluations, arrays, title = {}, {}, ""
-    if args.b is None:
+    if run_b is None:
         direction = load_direction(args.direction, view_a.params, args.seed)
         path = landscape.line(view_a.params, direction)
         title = f"line from {args.a} along {args.direction}"
         evaluations["line"] = landscape.evaluate_path(view_a.single_fn, path, data, task.loss_fn, **kwargs)
     else:
-        same = os.path.realpath(args.a) == os.path.realpath(args.b)
-        run_b = run_a if same else load_run(args.b, "--b", device)
-        member_b = args.member_b if args.member_b is not None else (1 if same and task.ensemble_size > 1 else 0)
-        view_b = member_view(run_b, member_b, "--member-b")
-        landscape.check_same_shapes(view_a.params, view_b.params, ("--a", "--b"))
         differences = _data_differences(run_a, run_b)
         if differences:
             print(f"{prog}: note: --a and --b were trained on different data ({'; '.join(differences)}); evaluating on --a's")
