@@ -194,3 +194,28 @@ def test_ddp_sizes_are_global_and_match_one_process(tmp_path):
         ]
         assert [s for _, s, _, _ in seen] == [0, 0, 0, 0, 1, 1, 2, 2, 3]
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_run_killed_after_the_switch_resumes_with_the_small_batch(cli, tmp_path):
+    """The real command: 3 epochs (switch at 2), then resumed from last.ckpt to 5 epochs."""
+    from .conftest import CONFIGS
+
+    args = [
+        "fit", "-c", str(CONFIGS / "teacher_student.yaml"),
+        "--trainer.callbacks+=BatchSizeSwitch", "--trainer.callbacks.schedule={0: 250, 2: 50}",
+        "--trainer.callbacks.lr_rule=linear", "--summary=false",  # the CLI's default ModelCheckpoint saves last.ckpt
+    ]
+    first = cli(*args, "--trainer.max_epochs=3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = next(tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt"))
+    second = cli(*args, "--trainer.max_epochs=5", f"--ckpt_path={ckpt}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(next(tmp_path.glob("runs/*/version_1/metrics.csv")).open()))
+    sizes = {int(r["epoch"]): float(r["batch_size"]) for r in rows if r.get("batch_size")}
+    assert sizes == {3: 50.0, 4: 50.0}, sizes
+    state = torch.load(ckpt.parent / "last.ckpt", weights_only=False)
+    lrs = [g["lr"] for g in state["optimizer_states"][0]["param_groups"]]
+    assert lrs == [pytest.approx(0.1 * 50 / 250)], "lr scaled once, not again after resume"
