@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from overparam.distributed import all_reduce_sum
-from overparam.functional import NetFn, Params
+from overparam.functional import NetFn, Params, flatten, unflatten
 
 LossFn = Callable[..., Tensor]
 MIN_SAMPLES = 64  # fewer noise samples give no usable alpha (nan): e.g. a 1-unit bias, 32 minibatches
@@ -205,13 +205,8 @@ def mean_gradient(fn: NetFn, params: Params, buffers: Params, loss_fn: LossFn, b
         g = grad(summed)(params, x, y)
         for n in total:
             total[n] += g[n]
-    flat = torch.cat([t.reshape(-1) for t in total.values()])
-    all_reduce_sum(flat)
-    out, start = {}, 0
-    for n, t in total.items():
-        out[n] = flat[start : start + t.numel()].view_as(t) / count
-        start += t.numel()
-    return out
+    flat = all_reduce_sum(flatten(total))
+    return {n: t / count for n, t in unflatten(flat, total).items()}
 
 
 def gradient_noise_samples(
