@@ -48,11 +48,12 @@ def _fit(tmp_path, callbacks, width=8, ensemble_size=1, init_seed=0, max_epochs=
 
 def test_count_outliers_rule():
     for eigenvalues, expected in [
-        ([10.0, 9.0, 1.0, 0.9, 0.8], 2),  # one clear gap after two
-        ([10.0, 1.0, 0.9, 0.45, 0.44], 3),  # the last clear gap wins
-        ([1.0, 0.9, 0.8], 0),  # no gap: all bulk
-        ([3.0, -0.1, -0.2], 1),  # a positive eigenvalue above a non-positive bulk edge
+        ([24.2, 17.1, 13.1, 12.4, 9.4, 8.1, 7.1, 5.9, 4.8, 2.4, 2.1, 2.0, 1.7, 1.3], 9),  # MNIST, fit end
+        ([10.0, 9.0, 1.0, 0.9, 0.8], 2),
+        ([1.0, 0.9, 0.8], 0),  # all bulk
+        ([3.0, 0.5, -0.1, -0.2], 2),  # bulk edge below zero: the positive ones stand out
         ([-1.0, -2.0], 0),
+        ([5.0], 0),  # no edge to compare with
     ]:
         assert count_outliers(eigenvalues, ratio=2.0) == expected, eigenvalues
 
