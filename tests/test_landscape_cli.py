@@ -21,6 +21,7 @@ from overparam.losses import errors
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "teacher_student.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,6 +89,28 @@ def test_callback_between_two_ensemble_members(tmp_path):
     assert "barriers/test/loss/barrier" in trainer.callback_metrics
 
 
+@pytest.mark.slow
+def test_callback_under_ddp_equals_the_full_data_evaluation(tmp_path):
+    """Two CPU ranks (ddp_fork): each evaluates its shard; the saved curve is the full-data one."""
+    data = small_data()
+    task = TeacherStudent(width=16, input_shape=(8,), num_outputs=1, num_train=256, lr=0.2)
+    initial = {n: p.detach().clone() for n, p in task.functional_view().params.items()}
+    callback = InterpolationBarrier(reference="init", points=3)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork", logger=CSVLogger(tmp_path), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    trainer.fit(task, datamodule=data)
+    curve = np.load(Path(tmp_path) / "lightning_logs" / "version_0" / "barriers" / "curve_end.npz")
+    # t = 0 (the initial net) on all 256 points, each rank having evaluated its half.
+    data.setup()
+    x, y = data.split("train")
+    assert curve["train_loss"][0] == pytest.approx(mean_loss_error(task, x, y, initial)[0], rel=1e-5)
+    # Lightning's launcher hands rank 0's trained weights back to this process.
+    assert curve["train_loss"][-1] == pytest.approx(mean_loss_error(task, x, y)[0], rel=1e-5)
+    assert np.isfinite(curve["train_loss"]).all() and np.isfinite(curve["test_error"]).all()
+
+
 def test_callback_rejects_bad_arguments(tmp_path):
     cases = [
         (dict(reference="nowhere.ckpt"), "InterpolationBarrier.reference must be init, member or an existing"),
@@ -124,6 +147,23 @@ def runs(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return {name: root / "runs" / name / "version_0" for name in ("a", "b", "wide")}
+
+
+def test_callback_from_a_checkpoint_of_another_run(runs, tmp_path):
+    from overparam.commands.interpolate import load_run
+
+    data = TeacherStudentData(input_dim=10, num_train=300, num_test=400, batch_size=64)
+    task = TeacherStudent(width=16, input_shape=(10,), num_outputs=1, num_train=300, init_seed=7)
+    callback = InterpolationBarrier(reference=str(runs["a"]), points=3, splits=["test"])
+    trainer = fit(task, data, callback, tmp_path, epochs=1)
+    curve = np.load(Path(trainer.log_dir) / "barriers" / "curve_end.npz")
+    x, y = data.split("test")
+    reference = load_run(str(runs["a"]), "--a").task
+    assert curve["test_loss"][0] == pytest.approx(mean_loss_error(reference, x, y)[0], rel=1e-5), "t = 0 is run a"
+    assert curve["test_loss"][-1] == pytest.approx(mean_loss_error(task, x, y)[0], rel=1e-5)
+    wide = TeacherStudent(width=8, input_shape=(10,), num_outputs=1, num_train=300)
+    with pytest.raises(ConfigError, match=r"different architectures: layers.1.weight is \(16, 10\) in the reference checkpoint and \(8, 10\)"):
+        fit(wide, data, InterpolationBarrier(reference=str(runs["a"])), tmp_path, epochs=1)
 
 
 def test_interpolate_endpoints_reproduce_the_logged_losses(runs, tmp_path, capsys):
