@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from overparam.errors import ConfigError, check_positive
@@ -131,10 +132,10 @@ class AnalysisCallback(pl.Callback):
     def log_histogram(self, trainer: pl.Trainer, key: str, values: Any) -> None:
         """Values as a W&B histogram when W&B is a logger."""
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.experiment.log({f"{self.name}/{key}": wandb.Histogram(_to_numpy(values))}, commit=False)
+                logger.log_metrics({f"{self.name}/{key}": wandb.Histogram(_to_numpy(values))}, step=trainer.global_step)
 
     # --- resume ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

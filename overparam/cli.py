@@ -18,7 +18,8 @@ import sys
 import warnings
 from typing import Any, NoReturn, Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -120,7 +121,7 @@ class RunConfigSaver(SaveConfigCallback):
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 config = self.parser.dump(self.config, skip_none=False, format="json")
                 logger.experiment.config.update({"overparam_config": config}, allow_val_change=True)
 
@@ -140,7 +141,6 @@ class OverparamCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": DEFAULT_RUNS_DIR, "name": DEFAULT_RUN_NAME},
                 },
-                "callbacks": [ModelCheckpoint(save_last=True)],
                 # Loaders are cheap views of resident tensors; rebuilding them every epoch lets
                 # the batch size change between epochs (batch-size switching, GD).
                 "reload_dataloaders_every_n_epochs": 1,
@@ -168,12 +168,25 @@ class OverparamCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Name the default CSV run folder after the task: ``runs/<task>/version_N``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.trainer.logger
-        if isinstance(logger, (dict,)) or hasattr(logger, "init_args"):
-            init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
-            if init_args.get("name") == DEFAULT_RUN_NAME:
-                task = str(config.model.class_path).rsplit(".", 1)[-1]
-                init_args["name"] = _snake(task)
+        loggers = config.trainer.logger
+        task = _snake(str(config.model.class_path).rsplit(".", 1)[-1]) if config.get("model") else "run"
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if init_args is not None and init_args.get("name") == DEFAULT_RUN_NAME:
+                init_args["name"] = task
+        self._add_last_checkpoint(config.trainer)
+
+    @staticmethod
+    def _add_last_checkpoint(trainer: Namespace) -> None:
+        """Keep ``checkpoints/last.ckpt`` (resume) unless checkpointing is off or configured."""
+        if trainer.get("enable_checkpointing") is False:
+            return
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if any("ModelCheckpoint" in str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")):
+            return
+        checkpoint = Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(save_last=True))
+        trainer["callbacks"] = [*callbacks, checkpoint]
 
     def after_fit(self) -> None:
         if not self._get(self.config, "summary") or self.trainer.interrupted or self.trainer.fast_dev_run:
