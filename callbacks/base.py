@@ -89,6 +89,9 @@ class AnalysisCallback(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
         if tag in self.done:
             return
+        # trainer.log_dir is a broadcast under DDP: resolve it here, where every rank is,
+        # so that rank-zero-only helpers (save_npz, plots) never call a collective alone.
+        self._log_dir = trainer.log_dir or trainer.default_root_dir
         with analysis_context(pl_module):
             self.analyse(trainer, pl_module, tag)
         self.done.append(tag)
@@ -99,8 +102,11 @@ class AnalysisCallback(pl.Callback):
 
     # --- where ---------------------------------------------------------------------------------
     def output_dir(self, trainer: pl.Trainer) -> str:
-        """``<log_dir>/<name>/`` (``runs/<name>`` without a logger); created on rank 0."""
-        base = trainer.log_dir or trainer.default_root_dir
+        """``<log_dir>/<name>/`` (``default_root_dir/<name>`` without a logger); created on rank 0.
+
+        Safe on rank 0 alone inside ``analyse`` (the log dir is resolved beforehand on all ranks).
+        """
+        base = getattr(self, "_log_dir", None) or trainer.log_dir or trainer.default_root_dir
         path = os.path.join(base, self.name)
         if trainer.is_global_zero:
             os.makedirs(path, exist_ok=True)
