@@ -220,6 +220,8 @@ def test_bad_inputs_end_with_one_line(runs, tmp_path, capsys):
         assert overparam(["interpolate", *args, "--out", str(tmp_path / "never")]) == 2, args
         err = one_line_error(capsys)
         assert __import__("re").search(message, err), err
+    assert overparam(["connect", "--a", str(runs["a"]), "--b", str(runs["b"]), "--path=linear"]) == 2
+    assert "overparam connect fits a curve" in one_line_error(capsys)
     assert not (tmp_path / "never").exists(), "nothing written on error"
 
 
@@ -240,6 +242,7 @@ def test_connect_two_mnist_fc_runs(data_root, tmp_path):
     finally:
         os.chdir(cwd)
     barriers = json.loads((out / "barriers.json").read_text())
+    print({k: round(v, 4) for k, v in barriers.items() if "/t_" not in k})
     curve = np.load(out / "curve.npz")
     assert curve["linear_test_loss"][0] == pytest.approx(last_logged(a, "test/loss"), rel=1e-6)
     assert curve["linear_test_loss"][-1] == pytest.approx(last_logged(b, "test/loss"), rel=1e-6)

@@ -13,12 +13,7 @@ evaluates the linear path and the found curve and writes both into ``--out``: ``
 from __future__ import annotations
 
 from overparam.commands import interpolate
-from overparam.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
-    if "--direction" in argv:
-        raise ConfigError("overparam connect joins two runs: give --b, not --direction (use overparam interpolate for lines)")
-    if "--path" in argv and argv[argv.index("--path") + 1 :][:1] == ["linear"]:
-        raise ConfigError("overparam connect fits a curve: --path must be bezier or polychain (use overparam interpolate for linear)")
     return interpolate.main(argv, prog="overparam connect", default_path="bezier", default_out="connection")

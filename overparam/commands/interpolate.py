@@ -198,6 +198,8 @@ def build_parser(prog: str, default_path: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str], prog: str = "overparam interpolate", default_path: str = "linear", default_out: str = "interpolation") -> int:
     args = build_parser(prog, default_path).parse_args(argv)
+    if prog == "overparam connect" and (args.direction is not None or args.path == "linear"):
+        raise ConfigError("overparam connect fits a curve between two runs: give --b and --path bezier or polychain (overparam interpolate draws lines)")
     if (args.b is None) == (args.direction is None):
         raise ConfigError("give exactly one of --b (a path between two runs) and --direction (a line away from --a)")
     landscape.grid(args.points, args.t_min, args.t_max)  # bad grid values fail before any loading
