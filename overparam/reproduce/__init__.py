@@ -1,0 +1,9 @@
+"""One module per observation of the talk; ``overparam reproduce NAME`` runs one end to end.
+
+Each module defines ``TITLE`` and ``run(scale, out, runs) -> dict``: it trains what the
+observation needs (``scale`` is ``small`` for a laptop CPU in minutes, ``full`` for the talk's
+scale on one GPU), writes its figures (PNG) into ``out`` and returns the numbers, which the
+command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overparam fit``.
+"""
+
+OBSERVATIONS: dict[str, str] = {}
