@@ -25,7 +25,6 @@ import re
 from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -151,12 +150,9 @@ class InterpolationBarrier(AnalysisCallback):
         self.log_metrics(trainer, pl_module, metrics)
         self.history.append({"tag": tag, "epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         stem = "curve_" + re.sub(r"[^\w=.-]", "_", tag)
-        # On every rank: trainer.log_dir is a broadcast under DDP (base.save_npz calls it on
-        # rank 0 only, which hangs DDP runs), so the folder is resolved here and files written below.
-        folder = self.output_dir(trainer)
+        self.save_npz(trainer, f"{stem}.npz", **arrays)
         if trainer.is_global_zero:
-            np.savez(os.path.join(folder, f"{stem}.npz"), **arrays)
-            path = os.path.join(folder, f"{stem}.png")
+            path = os.path.join(self.output_dir(trainer), f"{stem}.png")
             title = f"{self.reference if self.reference in REFERENCES else 'checkpoint'} (t=0) to current (t=1), {tag}"
             landscape.plot_path(evaluations, path, title)
             self.log_image(trainer, "curve", path)

@@ -142,11 +142,16 @@ def runs(tmp_path_factory):
     os.chdir(root)
     try:
         common = ["fit", "-c", str(CONFIG), "--trainer.max_epochs=2", "--data.num_train=300", "--data.num_test=400", "--model.init_args.width=16"]
-        for name, extra in (("a", ["--model.init_args.init_seed=1"]), ("b", ["--model.init_args.init_seed=2"]), ("wide", ["--model.init_args.width=24"])):
+        for name, extra in (
+            ("a", ["--model.init_args.init_seed=1"]),
+            ("b", ["--model.init_args.init_seed=2"]),
+            ("wide", ["--model.init_args.width=24"]),
+            ("pair", ["--model.init_args.ensemble_size=2", "--trainer.max_epochs=1"]),
+        ):
             assert overparam([*common, *extra, f"--trainer.logger.init_args.name={name}"]) == 0
     finally:
         os.chdir(cwd)
-    return {name: root / "runs" / name / "version_0" for name in ("a", "b", "wide")}
+    return {name: root / "runs" / name / "version_0" for name in ("a", "b", "wide", "pair")}
 
 
 def test_callback_from_a_checkpoint_of_another_run(runs, tmp_path):
@@ -177,6 +182,14 @@ def test_interpolate_endpoints_reproduce_the_logged_losses(runs, tmp_path, capsy
     assert barriers["linear/train/loss/barrier"] == pytest.approx(float(curve["barrier:linear/train/loss/barrier"]))
     assert (out / "curve.png").is_file()
     assert "barrier" in capsys.readouterr().out
+
+
+def test_interpolate_between_the_members_of_one_ensemble_run(runs, tmp_path):
+    out = tmp_path / "members"
+    assert overparam(["interpolate", "--a", str(runs["pair"]), "--b", str(runs["pair"]), "--points", "3", "--splits", "test", "--out", str(out)]) == 0
+    curve = np.load(out / "curve.npz")
+    assert curve["test_loss"][0] == pytest.approx(last_logged(runs["pair"], "test/loss/member_0"), rel=1e-6)
+    assert curve["test_loss"][-1] == pytest.approx(last_logged(runs["pair"], "test/loss/member_1"), rel=1e-6)
 
 
 def test_connect_fits_a_curve_that_interpolate_reuses(runs, tmp_path):
