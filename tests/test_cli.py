@@ -48,6 +48,16 @@ def test_print_config_and_help(cli):
         assert sub in helped.stdout
 
 
+def test_any_torch_optimizer_replaces_sgd(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", TS, *FAST, "--optimizer", "Adam", "--optimizer.lr", "0.01", "--summary", "false"]) == 0
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    import torch
+
+    state = torch.load(checkpoint, weights_only=False)["optimizer_states"][0]
+    assert state["param_groups"][0]["lr"] == 0.01 and "betas" in state["param_groups"][0]
+
+
 def test_console_script_is_installed(tmp_path):
     import shutil
     import subprocess

@@ -64,3 +64,17 @@ def test_analysis_batches_are_fixed_and_sharded_without_overlap():
     everything = torch.cat([x for x, _ in chunks])
     assert len(half) + len(other) == 30
     assert torch.equal(torch.cat([other, half]), everything)
+
+
+def test_float64_precision_stores_data_and_trains_in_float64(tmp_path):
+    import lightning.pytorch as pl
+
+    from overparam.plugins.teacher_student import TeacherStudent
+
+    dm = TeacherStudentData(input_dim=3, num_train=64, num_test=32, batch_size=32)
+    task = TeacherStudent(width=4, input_shape=dm.input_shape, num_outputs=dm.num_outputs, num_train=dm.num_train)
+    trainer = pl.Trainer(max_epochs=1, precision="64-true", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=dm)
+    assert dm.split("train")[0].dtype == torch.float64 and dm.split("train")[1].dtype == torch.float64
+    assert next(task.parameters()).dtype == torch.float64
