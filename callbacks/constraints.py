@@ -79,11 +79,12 @@ def constraint_sums(outputs: Tensor, y: Tensor, loss_fn: Any, edges: Tensor) -> 
 def delta_histograms(delta: Tensor, edges: Tensor) -> Tensor:
     """``(K, 2, E)`` counts of |Delta| per member, unsatisfied (Delta > 0) then satisfied.
 
-    ``torch.bucketize`` with the inner edges puts values below ``edges[0]`` into bin 0 and above
-    ``edges[-1]`` into the last bin, so every constraint is counted exactly once.
+    Bins are ``[edges[i], edges[i+1])`` (NumPy's convention); ``torch.bucketize`` with the inner
+    edges puts values below ``edges[0]`` into bin 0 and above ``edges[-1]`` into the last bin,
+    so every constraint is counted exactly once.
     """
     num_bins = edges.numel() - 1
-    bins = torch.bucketize(delta.abs().to(torch.float64), edges[1:-1].to(delta.device))  # (K, B)
+    bins = torch.bucketize(delta.abs().to(torch.float64), edges[1:-1].to(delta.device), right=True)  # (K, B)
     hist = torch.zeros(delta.shape[0], 2, num_bins, dtype=torch.float64, device=delta.device)
     for row, mask in enumerate((delta > 0, delta <= 0)):
         hist[:, row].scatter_add_(1, bins, mask.to(torch.float64))

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from overparam.callbacks.base import AnalysisCallback
@@ -159,7 +159,7 @@ class EnsembleEvaluation(AnalysisCallback):
         if getattr(pl_module, "ensemble_size", 1) > 1:
             return True
         if not self._warned:
-            rank_zero_warn(
+            rank_zero_info(
                 "EnsembleEvaluation does nothing for model.ensemble_size 1; set it above 1, or average "
                 "separate runs with `overparam ensemble --ckpts ...`. To silence this, remove the callback."
             )

@@ -1,0 +1,213 @@
+"""ConstraintCounter: counts by hand, SAT/jammed stopping, per-member counts, DDP = one process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from overparam.callbacks.constraints import ConstraintCounter, constraint_sums, delta_histograms
+from overparam.errors import ConfigError
+from overparam.losses import squared_hinge
+from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waiting).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(P=24, width=8, K=1, target="random", num_classes=2, batch_size="full", lr=0.05, seed=0):
+    data = TeacherStudentData(input_dim=4, num_train=P, num_test=50, target=target, num_classes=num_classes,
+                              batch_size=batch_size, seed=seed)
+    task = TeacherStudent(width=width, depth=1, input_shape=(4,), num_outputs=data.num_outputs, num_train=P,
+                          loss="squared_hinge", lr=lr, momentum=0.9, ensemble_size=K)
+    return task, data
+
+
+def fit(task, data, callbacks, max_epochs, tmp_path, **kwargs):
+    trainer = pl.Trainer(max_epochs=max_epochs, precision="64-true", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, default_root_dir=tmp_path, **kwargs)
+    trainer.fit(task, data)
+    return trainer
+
+
+def hand_count(task, data):
+    """N_Delta, errors and the mean loss per member, by loops over points."""
+    x, y = data.split("train")
+    out = task.member_outputs(x).detach()  # (K, P, C)
+    rows = []
+    for k in range(out.shape[0]):
+        n_delta = n_err = 0
+        loss = 0.0
+        for mu in range(x.shape[0]):
+            f = out[k, mu]
+            if f.numel() == 1:
+                m = float(y[mu]) * float(f[0])
+            else:
+                label = int(y[mu])
+                m = float(f[label]) - max(float(f[j]) for j in range(f.numel()) if j != label)
+            n_delta += (1 - m) > 0
+            n_err += m <= 0
+            loss += 0.5 * max(0.0, 1 - m) ** 2
+        rows.append((n_delta, n_err, loss / x.shape[0]))
+    return rows
+
+
+def test_constraint_sums_binary_by_hand():
+    outputs = torch.tensor([[[2.0], [0.5], [-0.3], [1.0], [-2.0]]], dtype=torch.float64)  # (1, 5, 1)
+    y = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    # margins 2, 0.5, -0.3, -1, 2 -> Delta -1, 0.5, 1.3, 2, -1
+    edges = torch.tensor([0.1, 1.0, 1.5, 10.0], dtype=torch.float64)
+    sums, hist = constraint_sums(outputs, y, squared_hinge, edges)
+    expected_loss = 0.5 * (0.5**2 + 1.3**2 + 2**2)
+    torch.testing.assert_close(sums[0], torch.tensor([3.0, 2.0, expected_loss, 5.0], dtype=torch.float64))
+    # |Delta| of unsatisfied: 0.5 -> bin 0, 1.3 -> bin 1, 2 -> bin 2; satisfied: 1, 1 -> bin 1 (edge 1.0 goes right)
+    assert hist[0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert hist[0, 1].tolist() == [0.0, 2.0, 0.0]
+
+
+def test_constraint_sums_multiclass_by_hand_per_member():
+    outputs = torch.tensor(
+        [
+            [[3.0, 0.0, 1.0], [0.0, 0.5, 0.2], [1.0, 1.0, 0.0]],  # member 0: margins 2, 0.3, 0 -> Delta -1, 0.7, 1
+            [[0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [5.0, 0.0, 0.0]],  # member 1: margins -2, -2, 5 -> Delta 3, 3, -4
+        ],
+        dtype=torch.float64,
+    )
+    y = torch.tensor([0, 1, 0])
+    sums, hist = constraint_sums(outputs, y, squared_hinge, torch.logspace(-8, 2, 11, dtype=torch.float64))
+    assert sums[:, 0].tolist() == [2.0, 2.0]  # N_Delta
+    assert sums[:, 1].tolist() == [1.0, 2.0]  # errors: margin <= 0 (the tie counts)
+    torch.testing.assert_close(sums[:, 2], torch.tensor([0.5 * (0.49 + 1), 0.5 * 18], dtype=torch.float64))
+    assert hist.sum(-1).tolist() == [[2.0, 1.0], [2.0, 1.0]]  # every constraint in exactly one bin
+
+
+def test_histogram_folds_outliers_into_end_bins():
+    delta = torch.tensor([[1e-12, 1e9, -1e9, 0.0]], dtype=torch.float64)
+    hist = delta_histograms(delta, torch.logspace(-8, 2, 6, dtype=torch.float64))
+    assert hist[0, 0].tolist() == [1.0, 0, 0, 0, 1.0]
+    assert hist[0, 1].tolist() == [1.0, 0, 0, 0, 1.0]  # 0 is satisfied (Delta <= 0), |0| in the first bin
+
+
+@pytest.mark.parametrize("target,num_classes,K", [("random", 2, 1), ("multiclass", 3, 1), ("random", 2, 3)])
+def test_counter_matches_hand_count_on_full_training_set(tmp_path, target, num_classes, K):
+    task, data = make(P=30, width=3, K=K, target=target, num_classes=num_classes, batch_size=8)
+    data.analysis_size = 5  # the counter must ignore this: it counts on the whole training set
+    counter = ConstraintCounter(every_n_epochs=1)
+    fit(task, data, [counter], max_epochs=2, tmp_path=tmp_path)
+    last = counter.history[-1]
+    assert last["tag"] == "end" and last["P"] == 30
+    for k, (n_delta, n_err, loss) in enumerate(hand_count(task, data)):
+        assert last["N_delta"][k] == n_delta, f"member {k}"
+        assert last["errors"][k] == n_err, f"member {k}"
+        assert last["loss"][k] == pytest.approx(loss, rel=1e-12)
+    assert [h["tag"] for h in counter.history] == ["epoch=0", "epoch=1", "end"]
+    npz = np.load(tmp_path / "constraints" / "end.npz")
+    assert npz["hist_unsat"].shape == (K, 60) and npz["hist_unsat"].sum(-1).tolist() == last["N_delta"]
+    assert (npz["hist_unsat"].sum(-1) + npz["hist_sat"].sum(-1)).tolist() == [30.0] * K
+
+
+def test_sat_stop_triggers_exactly_when_n_delta_hits_zero(tmp_path):
+    # A free run: the first epoch whose end count is 0.
+    task, data = make(P=16, width=32, lr=0.1)
+    free = ConstraintCounter(at_fit_end=False)
+    fit(task, data, [free], max_epochs=60, tmp_path=tmp_path)
+    counts = [h["N_delta"][0] for h in free.history]
+    assert counts[0] > 0 and 0 in counts, f"the wide net must reach SAT within 60 epochs: {counts}"
+    first_sat = counts.index(0)
+    # The same run (same seeds, float64, full batch) with stopping.
+    task, data = make(P=16, width=32, lr=0.1)
+    stopper = ConstraintCounter(stop_when_sat=True, at_fit_end=False)
+    trainer = fit(task, data, [stopper], max_epochs=60, tmp_path=tmp_path)
+    stopped = [h["N_delta"][0] for h in stopper.history]
+    assert stopped == counts[: first_sat + 1], "stops at the first N_Delta = 0, not before, not after"
+    assert trainer.current_epoch == first_sat + 1 and trainer.global_step == first_sat + 1
+    assert stopper.status == ["sat"]
+
+
+def test_sat_stop_every_n_steps_stops_mid_epoch(tmp_path):
+    task, data = make(P=16, width=32, lr=0.05, batch_size=4)
+    counter = ConstraintCounter(every_n_epochs=None, every_n_steps=1, stop_when_sat=True, at_fit_end=False)
+    trainer = fit(task, data, [counter], max_epochs=40, tmp_path=tmp_path)
+    counts = [h["N_delta"][0] for h in counter.history]
+    assert counts[-1] == 0 and all(c > 0 for c in counts[:-1])
+    assert [h["step"] for h in counter.history] == list(range(1, trainer.global_step + 1))
+
+
+def test_jammed_stop_on_a_plateau_with_unsatisfied_constraints(tmp_path):
+    task, data = make(P=40, width=1, lr=0.05)  # N = 7 < P: cannot fit 40 random labels
+    counter = ConstraintCounter(stop_when_jammed=True, patience=5, min_rel_decrease=0.05, at_fit_end=False)
+    trainer = fit(task, data, [counter], max_epochs=400, tmp_path=tmp_path)
+    assert counter.status == ["jammed"] and trainer.current_epoch < 400
+    assert counter.history[-1]["N_delta"][0] > 0
+    assert counter.since_best == [5]
+
+
+def test_ensemble_stops_only_when_every_member_is_done(tmp_path):
+    task, data = make(P=16, width=32, lr=0.1, K=3)
+    counter = ConstraintCounter(stop_when_sat=True, at_fit_end=False)
+    fit(task, data, [counter], max_epochs=80, tmp_path=tmp_path)
+    last, before = counter.history[-1]["N_delta"], counter.history[-2]["N_delta"]
+    assert last == [0.0, 0.0, 0.0] and any(n > 0 for n in before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"patience": 0}, "ConstraintCounter.patience must be positive"),
+        ({"every_n_steps": -1}, "ConstraintCounter.every_n_steps"),
+        ({"min_rel_decrease": 2.0}, "min_rel_decrease must be in"),
+        ({"delta_range": (1.0, 0.1)}, "delta_range must be two numbers"),
+    ],
+)
+def test_bad_arguments_name_the_option(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ConstraintCounter(**kwargs)
+
+
+def test_state_dict_round_trip_keeps_plateau_tracking():
+    a = ConstraintCounter()
+    a._update_status([3.0, 0.0], [0.5, 0.0])
+    b = ConstraintCounter()
+    b.load_state_dict(a.state_dict())
+    assert (b.status, b.best_loss, b.since_best) == (["running", "sat"], [0.5, 0.0], [0, 0])
+
+
+class _PerRank(ConstraintCounter):
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        with open(os.path.join(self.out, f"rank{trainer.global_rank}.json"), "w") as fh:
+            json.dump(self.history, fh)
+
+
+def test_ddp_counts_equal_single_process(tmp_path):
+    """Two ranks (ddp_fork, gloo) each count their shard; the all-reduced counts equal one process."""
+    single = _PerRank(save_deltas=True)
+    single.out = str(tmp_path)
+    task, data = make(P=25, width=3, K=2, batch_size="full")  # 25 points: unequal shards 13 + 12
+    fit(task, data, [single], max_epochs=1, tmp_path=tmp_path / "one")
+    os.rename(tmp_path / "rank0.json", tmp_path / "single.json")
+    deltas_single = np.load(tmp_path / "one" / "constraints" / "end.npz")["deltas"]
+
+    ddp = _PerRank(save_deltas=True)
+    ddp.out = str(tmp_path)
+    task, data = make(P=25, width=3, K=2, batch_size="full")
+    fit(task, data, [ddp], max_epochs=1, tmp_path=tmp_path / "two", strategy="ddp_fork", devices=2)
+    expected = json.load(open(tmp_path / "single.json"))
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        for g, e in zip(got, expected):
+            assert g["N_delta"] == e["N_delta"] and g["errors"] == e["errors"] and g["P"] == 25.0, f"rank {rank}"
+            assert g["loss"] == pytest.approx(e["loss"], rel=1e-12, abs=1e-15)
+    deltas_ddp = np.load(tmp_path / "two" / "constraints" / "end.npz")["deltas"]
+    np.testing.assert_allclose(deltas_ddp, deltas_single, rtol=1e-12)
