@@ -153,7 +153,8 @@ class InterpolationBarrier(AnalysisCallback):
         self.save_npz(trainer, f"{stem}.npz", **arrays)
         if trainer.is_global_zero:
             path = os.path.join(self.output_dir(trainer), f"{stem}.png")
-            title = f"{self.reference if self.reference in REFERENCES else 'checkpoint'} (t=0) to current (t=1), {tag}"
+            ends = {"member": f"member {self.members[0]} (t=0) to member {self.members[1]} (t=1)", "init": "init (t=0) to current (t=1)"}
+            title = f"{ends.get(self.reference, 'checkpoint (t=0) to current (t=1)')}, {tag}"
             landscape.plot_path(evaluations, path, title)
             self.log_image(trainer, "curve", path)
 
@@ -203,6 +204,11 @@ class InterpolationBarrier(AnalysisCallback):
         return data
 
     # --- resume -------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # Several instances (e.g. reference=member and reference=init) may share a Trainer.
+        return self._generate_state_key(name=self.name, reference=self.reference)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.initial is not None:

@@ -228,7 +228,9 @@ def main(argv: list[str], prog: str = "overparam interpolate", default_path: str
         differences = _data_differences(run_a, run_b)
         if differences:
             print(f"{prog}: note: --a and --b were trained on different data ({'; '.join(differences)}); evaluating on --a's")
-        title = f"{args.a} (t=0) to {args.b} (t=1)"
+        name_a = args.a + (f" member {args.member_a}" if run_a.task.ensemble_size > 1 else "")
+        name_b = args.b + (f" member {member_b}" if run_b.task.ensemble_size > 1 else "")
+        title = f"{name_a} (t=0) to {name_b} (t=1)"
         linear = landscape.linear_path(view_a.params, view_b.params)
         evaluations["linear"] = landscape.evaluate_path(view_a.single_fn, linear, data, task.loss_fn, **kwargs)
         if args.path != "linear":
