@@ -81,12 +81,22 @@ def test_callback_between_two_ensemble_members(tmp_path):
     data = small_data()
     task = TeacherStudent(width=16, input_shape=(8,), num_outputs=1, num_train=256, lr=0.2, ensemble_size=2)
     callback = InterpolationBarrier(reference="member", points=3, splits=["test"])
-    trainer = fit(task, data, callback, tmp_path, epochs=1)
+    from_init = InterpolationBarrier(reference="init", points=3, splits=["test"], name="barriers_init")
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[callback, from_init],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # two instances in one Trainer: their state keys differ
+    trainer.fit(task, datamodule=data)
     curve = np.load(Path(trainer.log_dir) / "barriers" / "curve_end.npz")
     x, y = data.split("test")
     assert curve["test_loss"][0] == pytest.approx(mean_loss_error(task, x, y, member=0)[0], rel=1e-5)
     assert curve["test_loss"][-1] == pytest.approx(mean_loss_error(task, x, y, member=1)[0], rel=1e-5)
     assert "barriers/test/loss/barrier" in trainer.callback_metrics
+    for k in range(2):
+        assert f"barriers_init/member_{k}/test/loss/barrier" in trainer.callback_metrics
+    resumed = InterpolationBarrier(reference="init", name="barriers_init")
+    resumed.load_state_dict(from_init.state_dict())
+    assert resumed.history == from_init.history and all(torch.equal(resumed.initial[n], v.cpu()) for n, v in from_init.initial.items())
 
 
 @pytest.mark.slow
