@@ -68,10 +68,13 @@ def _unit(v: Tensor) -> Tensor:
 
 
 def _orthogonalise(w: Tensor, Q: Tensor) -> Tensor:
-    """w minus its projection on the columns of Q, twice (CGS2)."""
+    """w minus its projection on the columns of Q, twice (CGS2), in the vectors' dtype.
+
+    Two passes restore orthogonality to working precision (Giraud et al. 2005), so float32
+    vectors need no float64 copy of Q (which would cost two N x m copies per step).
+    """
     for _ in range(2):
-        coeff = Q.T.to(torch.float64) @ w.to(torch.float64)
-        w = w - (Q.to(torch.float64) @ coeff).to(w.dtype)
+        w = w - Q @ (Q.T @ w)
     return w
 
 
@@ -112,7 +115,7 @@ def lanczos(
         w = _orthogonalise(w, Q[:, : j + 1])
         beta = torch.linalg.vector_norm(w.to(torch.float64))
         betas[j] = beta
-        scale = max(float(alphas[: j + 1].abs().max()), 1e-300)
+        scale = max(float(alphas[: j + 1].abs().max()), float(betas[:j].max()) if j else 0.0, 1e-300)
         if float(beta) <= 1e-10 * scale and j + 1 < num_steps:
             # Invariant subspace: restart with a random direction orthogonal to Q.
             betas[j] = 0.0
@@ -171,7 +174,7 @@ def eigsh(
     """The k largest (or smallest) eigenpairs of a symmetric operator by Lanczos.
 
     Stops when every wanted Ritz pair has residual <= ``tol * max(|theta_1|, tiny)``
-    (checked every 5 steps) or after ``max_steps``. The eigenvalue error of a converged pair is
+    (checked after every step) or after ``max_steps``. The eigenvalue error of a converged pair is
     about residual^2 / gap (Golub & Van Loan, Thm. 8.1.13), far below ``tol``.
 
     Args:
@@ -204,7 +207,7 @@ def eigsh(
         scale = max(float(theta.abs().max()), 1e-30)
         return bool((residual[idx] <= tol * scale).all())
 
-    run = lanczos(matvec, v0, max_steps, seed=seed, stop=converged)
+    run = lanczos(matvec, v0, max_steps, seed=seed, stop=converged, check_every=1)
     theta, S, residual = run.ritz()
     idx = _select(theta, min(k, theta.numel()), which)
     vectors = None
