@@ -543,7 +543,9 @@ def fit_curve(
             out = fn(unflatten(flat, path.like), buffers, x)
             total = loss_fn(out, y, reduction="sum")
             (grad,) = torch.autograd.grad(total, middle)
-            packed = all_reduce_sum(torch.cat([grad.reshape(-1), torch.stack([total.detach(), torch.tensor(float(x.shape[0]), device=grad.device, dtype=grad.dtype)]).to(grad.dtype)]))
+            # One all-reduce of [gradient of the loss sum, loss sum, count] over ranks.
+            count = torch.tensor([float(x.shape[0])], dtype=grad.dtype, device=grad.device)
+            packed = all_reduce_sum(torch.cat([grad.reshape(-1), total.detach().reshape(1).to(grad.dtype), count]))
             count = packed[-1].clamp_min(1.0)
             middle.grad = (packed[:-2] / count).view_as(middle)
             optimizer.step()
