@@ -17,8 +17,9 @@ SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
 TINY = {
     "jamming_random": ["--trainer.max_epochs=2", "--data.init_args.num_train=50"],
     "jamming_mnist": ["--trainer.max_epochs=1", "--data.init_args.n_train=100"],
-    "hessian_batch_size": ["--trainer.max_epochs=1", "--data.init_args.num_train=256"],
-    "critical_batch_size": ["--trainer.max_epochs=1", "--data.init_args.num_train=256"],
+    "hessian_batch_size": ["--trainer.max_epochs=1", "--data.init_args.n_train=256", "--data.init_args.analysis_size=128",
+                           "--model.init_args.width=[16, 16]"],
+    "critical_batch_size": ["--trainer.max_epochs=1", "--data.init_args.n_train=512", "--model.init_args.width=[16, 16]"],
     "ensemble_seeds": ["--trainer.max_epochs=1", "--data.init_args.num_train=256"],
 }
 
