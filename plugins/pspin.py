@@ -58,7 +58,7 @@ GROUND_STATE = {3: -1.6575}
 
 
 def threshold_energy(p: int) -> float:
-    """``E_inf = -2 sqrt((p-1)/p)``: where the Hessian's semicircle touches 0 (ABC 2013, Thm 2.8)."""
+    """``E_inf = -2 sqrt((p-1)/p)``: where the Hessian's semicircle touches 0 (Auffinger, Ben Arous, Cerny 2013)."""
     return -2.0 * math.sqrt((p - 1) / p)
 
 
