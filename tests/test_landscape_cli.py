@@ -238,6 +238,8 @@ def test_bad_inputs_end_with_one_line(runs, tmp_path, capsys):
         (["--a", str(runs["a"])], "exactly one of --b .* and --direction"),
         (["--a", str(runs["a"]), "--b", str(runs["b"]), "--splits", "val"], "--splits: TeacherStudentData has no 'val' split"),
         (["--a", str(runs["a"]), "--b", str(runs["b"]), "--points", "1"], "points must be an integer >= 2"),
+        (["--b", str(runs["b"])], "the following arguments are required: --a"),
+        (["--a", str(runs["a"]), "--b", str(runs["b"]), "--path", "spline"], "argument --path: invalid choice"),
     ]
     for args, message in cases:
         assert overparam(["interpolate", *args, "--out", str(tmp_path / "never")]) == 2, args

@@ -16,4 +16,4 @@ from overparam.commands import interpolate
 
 
 def main(argv: list[str]) -> int:
-    return interpolate.main(argv, prog="overparam connect", default_path="bezier", default_out="connection")
+    return interpolate.main(argv, prog="overparam connect", default_path="bezier", default_out="connection", description=__doc__.split("\n\n")[0])

@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path as FilePath
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -171,8 +171,15 @@ def load_direction(spec: str, origin: dict, seed: int) -> dict | torch.Tensor:
     return torch.as_tensor(vector).reshape(-1)
 
 
-def build_parser(prog: str, default_path: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def build_parser(prog: str, default_path: str, description: str) -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, description=description)
     parser.add_argument("--a", required=True, help="run folder or .ckpt: the path starts here (t = 0)")
     parser.add_argument("--b", help="run folder or .ckpt: the path ends here (t = 1); omit with --direction")
     parser.add_argument("--path", default=default_path, choices=landscape.PATH_KINDS, help=f"path kind (default {default_path})")
@@ -196,8 +203,14 @@ def build_parser(prog: str, default_path: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str], prog: str = "overparam interpolate", default_path: str = "linear", default_out: str = "interpolation") -> int:
-    args = build_parser(prog, default_path).parse_args(argv)
+def main(
+    argv: list[str],
+    prog: str = "overparam interpolate",
+    default_path: str = "linear",
+    default_out: str = "interpolation",
+    description: str = __doc__.split("\n\n")[0],
+) -> int:
+    args = build_parser(prog, default_path, description).parse_args(argv)
     if prog == "overparam connect" and (args.direction is not None or args.path == "linear"):
         raise ConfigError("overparam connect fits a curve between two runs: give --b and --path bezier or polychain (overparam interpolate draws lines)")
     if (args.b is None) == (args.direction is None):
