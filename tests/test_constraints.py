@@ -211,3 +211,35 @@ def test_ddp_counts_equal_single_process(tmp_path):
             assert g["loss"] == pytest.approx(e["loss"], rel=1e-12, abs=1e-15)
     deltas_ddp = np.load(tmp_path / "two" / "constraints" / "end.npz")["deltas"]
     np.testing.assert_allclose(deltas_ddp, deltas_single, rtol=1e-12)
+
+
+def test_mnist_parity_config_counts_constraints(data_root, tmp_path, monkeypatch):
+    """configs/experiments/jamming_mnist.yaml runs (shrunk) and logs the counts on P = 100 parity digits."""
+    from overparam.cli import main
+    from overparam.commands.report import last_values
+
+    monkeypatch.chdir(tmp_path)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "jamming_mnist.yaml")
+    assert main(["fit", "-c", config, f"--data.init_args.data_dir={data_root}", "--data.init_args.n_train=100",
+                 "--data.init_args.n_test=200", "--trainer.max_epochs=2", "--model.init_args.width=4",
+                 "--trainer.enable_model_summary=false", "--trainer.logger.init_args.version=v"]) == 0
+    metrics = last_values(str(tmp_path / "runs" / "mnistfc" / "v" / "metrics.csv"))
+    assert metrics["constraints/N_delta_over_P"] == metrics["constraints/N_delta"] / 100
+    assert 0 < metrics["constraints/N_delta"] <= 100 and "test/error" in metrics
+
+
+@pytest.mark.parametrize("name", ["jamming_random", "jamming_mnist"])
+def test_sweep_files_point_at_their_config_and_its_keys(name):
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    sweep = yaml.safe_load(open(os.path.join(root, "sweeps", f"{name}.yaml")))
+    experiment = f"configs/experiments/{name}.yaml"
+    assert sweep["method"] == "grid" and sweep["program"] == "overparam"
+    assert sweep["command"] == ["${env}", "${program}", "fit", "--config", experiment, "${args}"]
+    config = yaml.safe_load(open(os.path.join(root, "..", experiment)))
+    for key in sweep["parameters"]:
+        node = config
+        for part in key.split("."):
+            assert part in node, f"{key} is not a key of {experiment}"
+            node = node[part]

@@ -115,4 +115,4 @@ def test_report_on_a_width_sweep_with_seeds(tmp_path):
     run_sweep(tmp_path / "runs", widths, K=2, seeds=[0, 1], P=40, max_epochs=600)
     report = check_report(tmp_path / "runs", widths)
     print("\n".join(f"{g['N']:>6} {g['sat_fraction']:.2f} {g['N_delta_over_N']:.3f} {g['test_error']:.3f}" for g in report["groups"]))
-    assert main(["report", "jamming", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", "jamming", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--ensemble"]) == 0

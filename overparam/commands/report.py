@@ -18,7 +18,9 @@ It writes into ``--out`` (default ``RUNS_DIR/report_jamming``):
 
 N* (per P) is where the SAT fraction crosses 1/2, linearly interpolated in log N between the
 two widths that bracket it; its uncertainty is the spread (16th-84th percentile) of the same
-estimate over bootstrap resamples of the seeds within each width.
+estimate over bootstrap resamples of the seeds within each width. When every width is all
+SAT or all UNSAT the bootstrap has no spread: the bracket (``largest_unsat_N``,
+``smallest_sat_N``) in ``nstar.csv`` is then the uncertainty.
 
 ``--ensemble`` also averages the separately trained K = 1 runs of each (P, N) group
 (``overparam ensemble`` on their ``checkpoints/last.ckpt``), for sweeps over seeds.
@@ -120,8 +122,6 @@ def crossing(Ns: np.ndarray, fractions: np.ndarray, level: float = 0.5) -> float
         if lo < level <= hi:
             t = (level - lo) / (hi - lo)
             return float(np.exp(np.log(Ns[i - 1]) + t * (np.log(Ns[i]) - np.log(Ns[i - 1]))))
-    if len(Ns) and fractions[0] >= level:
-        return math.nan
     return math.nan
 
 
