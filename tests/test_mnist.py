@@ -209,3 +209,16 @@ def test_config_gives_the_talk_sized_network(data_root: Path, tmp_path: Path, mo
     cli = OverparamCLI(args=["-c", str(REPO / "configs" / "mnist_fc.yaml"), f"--data.data_dir={data_root}"], run=False)
     assert isinstance(cli.model, MnistFC) and cli.model.N == 443_610
     assert cli.datamodule.num_train == 55_000 and cli.model.num_train == 55_000
+
+
+@pytest.mark.slow
+def test_cli_fit_and_offline_error(cli, data_root: Path, tmp_path: Path):
+    config = str(REPO / "configs" / "mnist_fc.yaml")
+    small = ["--data.n_train=1000", "--data.val_size=200", "--model.width=[32]", "--trainer.max_epochs=1"]
+    done = cli("fit", "-c", config, f"--data.data_dir={data_root}", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "overparam summary: N = 25,450  P = 1,000" in done.stdout
+    failed = cli("fit", "-c", config, f"--data.data_dir={tmp_path / 'none'}", "--data.download=false", *small)
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("overparam: error: MNIST not found in") and "data.download is false" in last
