@@ -375,6 +375,7 @@ def evaluate_path(
     buffers: Optional[Params] = None,
     bn_module: Optional[nn.Module] = None,
     bn_batches: Optional[Sequence[Batch]] = None,
+    endpoint_buffers: Optional[tuple[Params, Params]] = None,
     points_per_call: int = 1,
 ) -> PathEvaluation:
     """Mean loss and 0/1 error of ``fn`` at ``theta(t)`` on each split of ``data``.
@@ -388,6 +389,11 @@ def evaluate_path(
         buffers: non-trainable state passed to ``fn`` (BatchNorm statistics).
         bn_module: the module behind ``fn``; when it has BatchNorm layers, their statistics
             are recomputed at every t from ``bn_batches`` (default ``data["train"]``).
+        endpoint_buffers: ``(buffers of a, buffers of b)``: at t = 0 and t = 1 use these
+            stored statistics instead of recomputing them, so the ends are the trained nets as
+            they were evaluated during training (their logged losses), while every other t
+            gets recomputed statistics. None (default): recompute everywhere, as Garipov et
+            al. do, so all points are treated alike.
         points_per_call: t values evaluated in one vmapped call (memory x this; needs
             no BatchNorm). 1 is a plain loop over t.
 
@@ -416,7 +422,11 @@ def evaluate_path(
             ts = t[start : start + points_per_call]
             if points_per_call == 1:
                 params = path.point(float(ts[0]))
-                point_buffers = recompute_bn(bn_module, params, buffers, bn_batches) if layers else buffers
+                point_buffers = buffers
+                if layers and endpoint_buffers is not None and float(ts[0]) in (0.0, 1.0):
+                    point_buffers = endpoint_buffers[int(float(ts[0]))]
+                elif layers:
+                    point_buffers = recompute_bn(bn_module, params, buffers, bn_batches)
                 call = lambda x, p=params, b=point_buffers: fn(p, b, x).unsqueeze(0)  # (1, B, C)
             else:
                 stacked = path.points(ts.tolist())

@@ -207,6 +207,7 @@ def test_bn_recomputation_matches_update_bn_and_the_trained_net():
     X, Y = torch.randn(200, 6, dtype=torch.float64), torch.randint(3, (200,))
     batches = list(zip(X.split(50), Y.split(50)))
     net_a, net_b = train_a_little(bn_net(1), X, Y), train_a_little(bn_net(2), X, Y)
+    ema = [copy.deepcopy(net) for net in (net_a, net_b)]  # as trained: running (EMA) statistics
     # The trained nets with precise statistics: torch's SWA update_bn over one batch of all points.
     for net in (net_a, net_b):
         torch.optim.swa_utils.update_bn([X], net)
@@ -230,6 +231,16 @@ def test_bn_recomputation_matches_update_bn_and_the_trained_net():
         trained = [cross_entropy(net(X), Y).item() for net in (net_a, net_b)]
     assert ev.loss["train"][0].item() == pytest.approx(trained[0], rel=1e-12), "t = 0 is the trained net a"
     assert ev.loss["train"][-1].item() == pytest.approx(trained[1], rel=1e-12), "t = 1 is the trained net b"
+    # Stored statistics at the ends: the ends are the nets exactly as trained (EMA statistics),
+    # the middle is recomputed.
+    stored = evaluate_path(fn, linear_path(a, b), {"train": batches}, cross_entropy, points=3, buffers=dict(template.named_buffers()),
+                           bn_module=template, endpoint_buffers=tuple(dict(net.named_buffers()) for net in ema))
+    with torch.no_grad():
+        as_trained = [cross_entropy(net(X), Y).item() for net in ema]
+    assert stored.loss["train"][0].item() == pytest.approx(as_trained[0], rel=1e-12)
+    assert stored.loss["train"][2].item() == pytest.approx(as_trained[1], rel=1e-12)
+    assert abs(as_trained[1] - trained[1]) > 1e-6, "EMA and recomputed statistics differ"
+    torch.testing.assert_close(stored.loss["train"][1], ev.loss["train"][2], rtol=1e-12, atol=0)
     # Without recomputation, a's statistics at b's weights give another loss.
     stale = evaluate_path(fn, linear_path(a, b), {"train": batches}, cross_entropy, t=[1.0], buffers=dict(net_a.named_buffers()))
     assert abs(stale.loss["train"][0].item() - trained[1]) > 1e-3

@@ -77,6 +77,30 @@ def test_callback_from_init_logs_barriers_and_saves_the_curve(tmp_path):
     assert "initial" in callback.state_dict(), "the initial weights travel with the checkpoint"
 
 
+class BatchNormStudent(TeacherStudent):
+    """A student with BatchNorm: the callback must recompute its statistics along the path."""
+
+    def make_network(self):
+        return torch.nn.Sequential(torch.nn.Linear(self.in_dim, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def test_callback_recomputes_batchnorm_statistics(tmp_path):
+    data = small_data()
+    task = BatchNormStudent(input_shape=(8,), num_outputs=1, num_train=256, lr=0.2)
+    callback = InterpolationBarrier(reference="init", points=3, splits=["train"])
+    trainer = fit(task, data, callback, tmp_path, epochs=1)
+    curve = np.load(Path(trainer.log_dir) / "barriers" / "curve_end.npz")
+    x, y = data.split("train")
+    before = {n: b.clone() for n, b in task.net.named_buffers()}
+    precise = copy.deepcopy(task.net)
+    torch.optim.swa_utils.update_bn([x], precise)  # statistics of all 256 points at the trained weights
+    precise.eval()
+    with torch.no_grad():
+        assert curve["train_loss"][-1] == pytest.approx(task.loss_fn(precise(x), y).item(), rel=1e-5)
+    callback._run(trainer, task, "again")
+    assert all(torch.equal(b, before[n]) for n, b in task.net.named_buffers()), "the net's own statistics are untouched"
+
+
 def test_callback_between_two_ensemble_members(tmp_path):
     data = small_data()
     task = TeacherStudent(width=16, input_shape=(8,), num_outputs=1, num_train=256, lr=0.2, ensemble_size=2)

@@ -191,6 +191,9 @@ def build_parser(prog: str, default_path: str, description: str) -> argparse.Arg
     parser.add_argument("--splits", default="train,test", help="comma-separated splits to evaluate (default train,test)")
     parser.add_argument("--size", type=int, help="training points to use (default: the run's data.analysis_size, else all)")
     parser.add_argument("--batch-size", type=int, help="evaluation chunk size (default: the run's data.eval_batch_size)")
+    parser.add_argument("--bn-endpoints", default="recompute", choices=("recompute", "stored"),
+                        help="BatchNorm nets: recompute the statistics at t = 0 and 1 too (default, Garipov et al.), or use "
+                        "the checkpoints' stored ones there (the ends then reproduce the runs' logged losses)")
     parser.add_argument("--member-a", type=int, default=0, help="ensemble member of --a (default 0)")
     parser.add_argument("--member-b", type=int, default=None, help="ensemble member of --b (default 0, or 1 when --b is --a)")
     parser.add_argument("--bends", type=int, default=1, help="middle control points of a fitted curve (default 1, Garipov et al.)")
@@ -231,6 +234,8 @@ def main(
     task = run_a.task
     bn_module = task.net if task.ensemble_size == 1 else None
     kwargs = dict(points=args.points, t_min=args.t_min, t_max=args.t_max, buffers=view_a.buffers, bn_module=bn_module)
+    if args.bn_endpoints == "stored" and run_b is not None:
+        kwargs["endpoint_buffers"] = (view_a.buffers, view_b.buffers)
     evaluations, arrays, title = {}, {}, ""
     if run_b is None:
         direction = load_direction(args.direction, view_a.params, args.seed)
