@@ -137,11 +137,14 @@ class InterpolationBarrier(AnalysisCallback):
             return
         data = self._data(trainer)
         bn_module = getattr(pl_module, "net", None) if pl_module.ensemble_size == 1 else None
+        bn_batches = None
+        if landscape.batchnorm_layers(bn_module):  # statistics always come from the training set
+            bn_batches = data.get("train") or trainer.datamodule.analysis_batches("train", size=self.size)
         metrics, evaluations, arrays = {}, {}, {}
         for label, (a, b, member) in pairs.items():
             ev = landscape.evaluate_path(
                 member.single_fn, landscape.linear_path(a, b), data, pl_module.loss_fn,
-                t=self.t, buffers=member.buffers, bn_module=bn_module,
+                t=self.t, buffers=member.buffers, bn_module=bn_module, bn_batches=bn_batches,
             )
             prefix = f"{label}/" if label else ""
             metrics.update({prefix + k: v for k, v in ev.barriers().items() if "/t_" not in k})

@@ -87,16 +87,17 @@ class BatchNormStudent(TeacherStudent):
 def test_callback_recomputes_batchnorm_statistics(tmp_path):
     data = small_data()
     task = BatchNormStudent(input_shape=(8,), num_outputs=1, num_train=256, lr=0.2)
-    callback = InterpolationBarrier(reference="init", points=3, splits=["train"])
+    callback = InterpolationBarrier(reference="init", points=3, splits=["test"])  # statistics still from train
     trainer = fit(task, data, callback, tmp_path, epochs=1)
     curve = np.load(Path(trainer.log_dir) / "barriers" / "curve_end.npz")
     x, y = data.split("train")
+    xt, yt = data.split("test")
     before = {n: b.clone() for n, b in task.net.named_buffers()}
     precise = copy.deepcopy(task.net)
     torch.optim.swa_utils.update_bn([x], precise)  # statistics of all 256 points at the trained weights
     precise.eval()
     with torch.no_grad():
-        assert curve["train_loss"][-1] == pytest.approx(task.loss_fn(precise(x), y).item(), rel=1e-5)
+        assert curve["test_loss"][-1] == pytest.approx(task.loss_fn(precise(xt), yt).item(), rel=1e-5)
     callback._run(trainer, task, "again")
     assert all(torch.equal(b, before[n]) for n, b in task.net.named_buffers()), "the net's own statistics are untouched"
 
@@ -297,3 +298,27 @@ def test_connect_two_mnist_fc_runs(data_root, tmp_path):
     assert curve["linear_test_loss"][-1] == pytest.approx(last_logged(b, "test/loss"), rel=1e-6)
     assert barriers["linear/train/loss/barrier"] > 0.1, barriers
     assert barriers["bezier/train/loss/barrier"] < 0.5 * barriers["linear/train/loss/barrier"], barriers
+
+
+@pytest.mark.slow
+def test_batchnorm_cnn_runs_reproduce_their_logged_losses_with_stored_endpoints(data_root, tmp_path):
+    """CIFAR-CNN with BatchNorm end to end: `--bn-endpoints stored` gives the logged test losses."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        common = ["fit", "-c", str(CONFIG.parent / "cifar_cnn.yaml"), f"--data.data_dir={data_root}", "--model.init_args.width=8",
+                  "--model.init_args.batch_norm=true", "--data.init_args.n_train=1000", "--data.init_args.n_test=500",
+                  "--data.init_args.val_size=0", "--data.init_args.verify_integrity=false", "--data.init_args.augment=false",
+                  "--trainer.max_epochs=2"]
+        for seed in (1, 2):
+            assert overparam([*common, f"--model.init_args.init_seed={seed}", f"--trainer.logger.init_args.name=s{seed}"]) == 0
+        a, b = tmp_path / "runs" / "s1" / "version_0", tmp_path / "runs" / "s2" / "version_0"
+        for mode in ("stored", "recompute"):
+            assert overparam(["interpolate", "--a", str(a), "--b", str(b), "--points", "3", "--splits", "test", "--bn-endpoints", mode, "--out", mode]) == 0
+    finally:
+        os.chdir(cwd)
+    stored, recomputed = np.load(tmp_path / "stored" / "curve.npz"), np.load(tmp_path / "recompute" / "curve.npz")
+    assert stored["test_loss"][0] == pytest.approx(last_logged(a, "test/loss"), rel=1e-6)
+    assert stored["test_loss"][-1] == pytest.approx(last_logged(b, "test/loss"), rel=1e-6)
+    assert stored["test_loss"][1] == pytest.approx(recomputed["test_loss"][1], rel=1e-6), "the middle is recomputed in both"
+    assert abs(recomputed["test_loss"][0] - stored["test_loss"][0]) > 1e-4, "after 4 steps the EMA statistics are not the data's"

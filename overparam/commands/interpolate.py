@@ -234,6 +234,8 @@ def main(
     task = run_a.task
     bn_module = task.net if task.ensemble_size == 1 else None
     kwargs = dict(points=args.points, t_min=args.t_min, t_max=args.t_max, buffers=view_a.buffers, bn_module=bn_module)
+    if landscape.batchnorm_layers(bn_module):  # statistics always come from the training set
+        kwargs["bn_batches"] = data["train"] if "train" in data else evaluation_data(run_a, ["train"], args.size, args.batch_size, device)["train"]
     if args.bn_endpoints == "stored" and run_b is not None:
         kwargs["endpoint_buffers"] = (view_a.buffers, view_b.buffers)
     evaluations, arrays, title = {}, {}, ""
