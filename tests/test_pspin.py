@@ -214,6 +214,23 @@ def test_callbacks_save_halting_energies_and_a_nonnegative_spectrum(tmp_path):
     assert float(trainer.callback_metrics["spherical_hessian/index"]) == 0.0
 
 
+def test_generic_hessian_spectrum_runs_unchanged_and_is_the_euclidean_hessian(tmp_path):
+    """HessianSpectrum on the task as is: at a critical point on the sphere its (Euclidean) spectrum
+    of the loss H/N, times N, is {p(p-1)E} (along sigma) and the spherical one shifted by pE."""
+    from overparam.callbacks.hessian import HessianSpectrum
+
+    N, K, p = 12, 2, 3
+    data, task = make(N=N, K=K, passes_per_epoch=20)
+    generic = HessianSpectrum(top_k=2, bottom_k=1, exact=True, density=False, trace_probes=1, at_fit_start=False)
+    trainer = fit(data, task, max_steps=3000, callbacks=[generic, SphericalHessian()], tmp_path=tmp_path)
+    euclidean = np.sort(N * np.load(Path(trainer.log_dir) / "hessian" / "end.npz")["exact_eigenvalues"], axis=-1)
+    spherical = np.load(Path(trainer.log_dir) / "spherical_hessian" / "spectrum_end.npz")
+    for k in range(K):
+        E = spherical["energy"][k]
+        expected = np.sort(np.concatenate([[p * (p - 1) * E], spherical["eigenvalues"][k] + p * E]))
+        np.testing.assert_allclose(euclidean[k], expected, atol=1e-4)  # halt_tol 1e-4: not exactly critical
+
+
 @pytest.mark.slow
 def test_two_ddp_ranks_halt_like_one_process():
     """Rows sharded over 2 ranks (gloo, ddp_fork): same halting steps, energies and spins."""
