@@ -24,7 +24,8 @@ For nets with BatchNorm it recomputes the running statistics at every point firs
 
 ``barrier_heights`` reports ``max_t L(theta(t)) - max(L(a), L(b))`` and the height above the
 linear interpolation of the endpoint losses, ``max_t [L(theta(t)) - ((1 - t) L(a) + t L(b))]``
-(Frankle et al. 2020, "Linear mode connectivity and the lottery ticket hypothesis", Sec. 2),
+(Entezari et al. 2022, "The role of permutation invariance in linear mode connectivity of
+neural networks", Eq. 1; Frankle et al. 2020 measure above the mean of the two ends instead),
 both over the grid points with ``0 <= t <= 1``. ``fit_curve`` trains the middle control points
 by minimising ``E_{t ~ U[0, 1]} L(phi(t))`` with one uniform t per minibatch step (Garipov et
 al. 2018, Sec. 3.2).
@@ -459,7 +460,7 @@ def barrier_heights(t: Tensor, values: Tensor) -> dict[str, float]:
 
     Returns:
         ``barrier``: ``max_t L(t) - max(L(0), L(1))``;
-        ``barrier_linear``: ``max_t [L(t) - ((1 - t) L(0) + t L(1))]`` (Frankle et al. 2020);
+        ``barrier_linear``: ``max_t [L(t) - ((1 - t) L(0) + t L(1))]`` (Entezari et al. 2022, Eq. 1);
         ``t_barrier`` / ``t_barrier_linear``: where the maxima are. Both heights are >= 0,
         and 0 when the endpoints are the highest points (e.g. on a convex loss).
 
