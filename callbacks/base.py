@@ -144,6 +144,11 @@ class AnalysisCallback(pl.Callback):
                 logger.log_metrics({f"{self.name}/{key}": wandb.Histogram(_to_numpy(values))}, step=trainer.global_step)
 
     # --- resume ------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class plus ``name``, so two instances of one class can share a Trainer."""
+        return self._generate_state_key(name=self.name)
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "done": self.done}
 

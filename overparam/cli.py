@@ -225,7 +225,8 @@ class _EpilogFormatter:
 
 
 def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
+    """``TeacherStudent`` -> ``teacher_student``, ``MnistFC`` -> ``mnist_fc`` (run folder names)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def _quiet_known_warnings() -> None:

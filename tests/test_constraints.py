@@ -223,7 +223,7 @@ def test_mnist_parity_config_counts_constraints(data_root, tmp_path, monkeypatch
     assert main(["fit", "-c", config, f"--data.init_args.data_dir={data_root}", "--data.init_args.n_train=100",
                  "--data.init_args.n_test=200", "--trainer.max_epochs=2", "--model.init_args.width=4",
                  "--trainer.enable_model_summary=false", "--trainer.logger.init_args.version=v"]) == 0
-    metrics = last_values(str(tmp_path / "runs" / "mnistfc" / "v" / "metrics.csv"))
+    metrics = last_values(str(tmp_path / "runs" / "mnist_fc" / "v" / "metrics.csv"))
     assert metrics["constraints/N_delta_over_P"] == metrics["constraints/N_delta"] / 100
     assert 0 < metrics["constraints/N_delta"] <= 100 and "test/error" in metrics
 
