@@ -144,7 +144,9 @@ class PSpinData(OverparamDataModule):
             samples b rows (``b * N^{p-1}`` couplings) per step without replacement in a pass.
         passes_per_epoch: passes over the rows in one Lightning epoch (with ``full``: gradient
             steps per epoch). Default 1. A step at small N costs a few ms and Lightning's
-            per-epoch work about 25 ms on a loaded CPU, so long GD runs set 10-100.
+            per-epoch work about 25 ms on a loaded CPU, so long GD runs set 10-100. With
+            ``BatchSizeSwitch`` use its epoch ``schedule``: a ``step_schedule`` plans the sizes
+            of one pass and would restart at every pass.
         eval_batch_size, seed, analysis_size: see ``OverparamDataModule``.
 
     The targets are zeros (an energy has none); the test split is the training split, so the
