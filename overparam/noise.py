@@ -48,7 +48,7 @@ from overparam.distributed import all_reduce_sum
 from overparam.functional import NetFn, Params, flatten, unflatten
 
 LossFn = Callable[..., Tensor]
-MIN_SAMPLES = 64  # fewer noise samples give no usable alpha (nan): e.g. a 1-unit bias, 32 minibatches
+MIN_SAMPLES = 1024  # fewer give no usable alpha (nan): sqrt(K) = 32 blocks at least; e.g. a 10-unit bias over 32 minibatches
 
 
 # --- gradient noise scale ---------------------------------------------------------------------

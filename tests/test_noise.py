@@ -135,3 +135,14 @@ def test_callback_logs_alpha_overall_and_per_layer(tmp_path):
 def test_bad_arguments_are_rejected(kwargs):
     with pytest.raises(ConfigError, match="GradientNoise"):
         GradientNoise(**kwargs)
+
+
+def test_callback_leaves_the_training_trajectory_untouched(tmp_path):
+    finals = []
+    for callbacks in ([], [GradientNoise(every_n_steps=1, every_n_epochs=1)]):
+        data = TeacherStudentData(num_train=128, num_test=32, batch_size=32, analysis_size=128)
+        task = TeacherStudent(width=8, depth=1, input_shape=data.input_shape, num_outputs=data.num_outputs, num_train=128, momentum=0.9)
+        t = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+        t.fit(task, datamodule=data)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in task.parameters()]))
+    assert torch.equal(finals[0], finals[1])
