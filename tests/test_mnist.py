@@ -54,6 +54,17 @@ def test_decoded_once_and_cached(data_root: Path):
     assert (data_root / "MNIST" / "raw" / "overparam-uint8-train.pt").is_file()
 
 
+def test_second_load_reads_the_cache_without_torchvision(data_root: Path, monkeypatch: pytest.MonkeyPatch):
+    load_mnist(data_root)  # builds the cache if needed
+    import torchvision.datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded again although the cache is fresh")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
+    assert load_mnist(data_root)["test"][0].shape == (10_000, 1, 28, 28)
+
+
 def test_subsample_is_class_balanced_nested_and_disjoint_from_val(data_root: Path, plain: MnistData):
     x_tr, y_tr = plain.raw["train"]
     x_val, y_val = plain.raw["val"]
