@@ -6,7 +6,7 @@ Riemannian gradient below 1e-4). Prints the halting energies per spin (mean, spr
 starts, spread within a sample), saves them to ``docs/figures/pspin_halting.npz`` and draws
 ``docs/figures/pspin_halting.png`` against ``E_inf = -2 sqrt((p-1)/p)`` and the ground state.
 
-    python benchmarks/pspin_halting.py                       # the committed figure (CPU, minutes)
+    python benchmarks/pspin_halting.py                       # the committed figure (CPU, ~30 min)
     python benchmarks/pspin_halting.py --N 20 30 --samples 2  # quick look
 """
 
@@ -41,9 +41,9 @@ def halting_energies(N: int, p: int, coupling_seed: int, starts: int, max_steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--N", type=int, nargs="+", default=[20, 30, 50, 70, 100])
+    parser.add_argument("--N", type=int, nargs="+", default=[20, 30, 50, 70, 100, 150])
     parser.add_argument("--p", type=int, default=3)
-    parser.add_argument("--samples", type=int, nargs="+", default=[8, 8, 4, 3, 2], help="coupling samples per N")
+    parser.add_argument("--samples", type=int, nargs="+", default=[8, 8, 4, 3, 2, 2], help="coupling samples per N")
     parser.add_argument("--starts", type=int, default=64, help="random starts per sample (the ensemble size K)")
     parser.add_argument("--max-steps", type=int, default=6000)
     parser.add_argument("--lr", type=float, default=0.1)
