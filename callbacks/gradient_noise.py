@@ -6,7 +6,8 @@ Engines in ``overparam/noise.py`` (formulas and sources there). Two measurements
   running means over the steps measured since the last log, logged at the end of each epoch.
   Under DDP the per-rank gradient is the small batch and the all-reduced one the big batch: a
   DDP communication hook reads each rank's local gradient bucket before the all-reduce, so no
-  extra forward or backward pass is made (one scalar all-reduce per measured step). On one
+  extra forward or backward pass and no per-step collective is made (the running sums are
+  all-reduced once per epoch, when logged). On one
   device per-sample gradients of the training batch (``vmap(grad)``, chunked) are grouped into
   small batches of ``small_batch`` points.
 * ``noise/alpha`` and ``noise/alpha/<parameter>`` (Simsekli et al. 2019): the tail index of
@@ -195,12 +196,21 @@ class GradientNoise(AnalysisCallback):
         local = self._local_sq if self._local_sq is not None else torch.zeros(K, dtype=torch.float64, device=device)
         b = self._local_count
         local = local * (n / (W * b)) ** 2  # |mean gradient over this rank's b points|^2
-        small = all_reduce_sum(local.clone()) / W
-        B_small = n / W
-        return [two_batch_estimates(small[k], big[k], B_small, n) for k in range(K)]
+        # The estimators are linear in |G_small|^2 (mean over ranks) and |G_big|^2 (the same on
+        # every rank): each rank adds its 1/W share and the running sums are all-reduced once,
+        # when logged (``_reduce_ddp_sums``), so a step costs no collective of its own.
+        return [two_batch_estimates(local[k] / W, big[k] / W, n / W, n) for k in range(K)]
+
+    def _reduce_ddp_sums(self, device: torch.device) -> None:
+        sums = torch.tensor([[s.G2_sum, s.S_sum] for s in self.scales], dtype=torch.float64, device=device)
+        all_reduce_sum(sums)
+        for s, (G2, S) in zip(self.scales, sums.tolist()):
+            s.G2_sum, s.S_sum = G2, S
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's running-mean B_simple, then run the tail index if scheduled."""
+        if self._ddp and self.every_n_steps is not None and self.scales:
+            self._reduce_ddp_sums(pl_module.device)  # every rank calls it (same step counts)
         if self.scales and any(s.n for s in self.scales):
             metrics = self._scale_metrics()
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
