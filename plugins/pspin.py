@@ -250,7 +250,10 @@ class PSpinTask(Task):
         halt_tol: float = 1e-4,
     ) -> None:
         # "mse" only satisfies the base's loss check; the loss is replaced by energy_loss below.
-        super().__init__(input_shape, num_outputs, num_train, "mse", lr, momentum, 0.0, ensemble_size, init_seed)
+        super().__init__(
+            input_shape=input_shape, num_outputs=num_outputs, num_train=num_train, loss="mse", lr=lr,
+            momentum=momentum, weight_decay=0.0, ensemble_size=ensemble_size, init_seed=init_seed,
+        )
         self.hparams.pop("loss", None)
         self.hparams.pop("weight_decay", None)
         check_positive("model.halt_tol", halt_tol)
