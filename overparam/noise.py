@@ -124,9 +124,10 @@ def per_sample_moments(
         g = per_sample(params, buffers, x[start : start + step], y[start : start + step])
         for n, t in g.items():  # per parameter: no (b, N) concatenated copy
             t = t.reshape(t.shape[0], -1)  # (b, numel)
-            sums[n] += t.sum(0, dtype=torch.float64)
-            group_means = t.reshape(-1, small_batch, t.shape[1]).mean(1)  # (b / small_batch, numel)
-            small_sq += group_means.square().sum(dtype=torch.float64)
+            sums[n] += t.sum(0).double()
+            group_means = t if small_batch == 1 else t.reshape(-1, small_batch, t.shape[1]).mean(1)  # (b / small_batch, numel)
+            # A norm, not square().sum(): no second (b, numel) temporary.
+            small_sq += torch.linalg.vector_norm(group_means, dim=1).double().square().sum()
         del g
     sum_g = torch.cat(list(sums.values()))
     counts = torch.tensor([x.shape[0], x.shape[0] // small_batch], dtype=torch.float64, device=x.device)
