@@ -95,24 +95,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=8192)
     parser.add_argument("--ddp", action="store_true", help="also time 2-process DDP (ddp_fork) without/with the callback")
+    parser.add_argument("--ddp-only", action="store_true", help="only the DDP comparison")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate plain/with-callback runs this many times")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"MNIST-FC 784-500-100-10, batch {args.batch_size}, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
 
-    base = ms_per_step([], args.steps, args.batch_size, args.n_train)
-    noisy = ms_per_step([GradientNoise(every_n_steps=1, tail_index=False)], args.steps, args.batch_size, args.n_train)
-    print(f"one device   plain step        {base:8.1f} ms")
-    print(f"one device   + GradientNoise   {noisy:8.1f} ms   ratio {noisy / base:.2f}x  (every step; every_n_steps=n: ~1 + {noisy / base - 1:.2f}/n)")
+    if not args.ddp_only:
+        for _ in range(args.repeats):
+            base = ms_per_step([], args.steps, args.batch_size, args.n_train)
+            noisy = ms_per_step([GradientNoise(every_n_steps=1, tail_index=False)], args.steps, args.batch_size, args.n_train)
+            print(f"one device   plain step        {base:8.1f} ms")
+            print(f"one device   + GradientNoise   {noisy:8.1f} ms   ratio {noisy / base:.2f}x  (every step; every_n_steps=n: ~1 + {noisy / base - 1:.2f}/n)")
+        vec, loop = engine_vs_loop(args.batch_size, args.n_train)
+        print(f"engine       vmap(grad) batch  {vec:8.1f} ms   Python loop over samples {loop:8.1f} ms   loop/vmap {loop / vec:.2f}x")
 
-    vec, loop = engine_vs_loop(args.batch_size, args.n_train)
-    print(f"engine       vmap(grad) batch  {vec:8.1f} ms   Python loop over samples {loop:8.1f} ms   loop/vmap {loop / vec:.2f}x")
-
-    if args.ddp:
+    if args.ddp or args.ddp_only:
         kwargs = dict(strategy="ddp_fork", devices=2)
-        dbase = ms_per_step([], args.steps, args.batch_size, args.n_train, **kwargs)
-        dnoisy = ms_per_step([GradientNoise(every_n_steps=1, tail_index=False)], args.steps, args.batch_size, args.n_train, **kwargs)
-        print(f"DDP 2 procs  plain step        {dbase:8.1f} ms")
-        print(f"DDP 2 procs  + GradientNoise   {dnoisy:8.1f} ms   ratio {dnoisy / dbase:.2f}x  (comm hook, no extra pass)")
+        for _ in range(args.repeats):
+            dbase = ms_per_step([], args.steps, args.batch_size, args.n_train, **kwargs)
+            dnoisy = ms_per_step([GradientNoise(every_n_steps=1, tail_index=False)], args.steps, args.batch_size, args.n_train, **kwargs)
+            print(f"DDP 2 procs  plain step        {dbase:8.1f} ms")
+            print(f"DDP 2 procs  + GradientNoise   {dnoisy:8.1f} ms   ratio {dnoisy / dbase:.2f}x  (comm hook, no extra pass)")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ class GradientNoise(AnalysisCallback):
         sq = None
         for g in bucket.gradients():
             # Stacked ensemble parameters carry the member dimension first.
-            member = g.detach().double().reshape(K, -1).square().sum(1) if K > 1 else g.detach().double().square().sum().view(1)
+            member = _sq_norms(g, K)
             sq = member if sq is None else sq + member
         if sq is not None:
             self._local_sq = sq if self._local_sq is None else self._local_sq + sq
@@ -191,8 +191,7 @@ class GradientNoise(AnalysisCallback):
         big = torch.zeros(K, dtype=torch.float64, device=device)
         for p in pl_module.parameters():
             if p.grad is not None:
-                g = p.grad.detach().double()
-                big += g.reshape(K, -1).square().sum(1) if K > 1 else g.square().sum().view(1)
+                big += _sq_norms(p.grad, K)
         local = self._local_sq if self._local_sq is not None else torch.zeros(K, dtype=torch.float64, device=device)
         b = self._local_count
         local = local * (n / (W * b)) ** 2  # |mean gradient over this rank's b points|^2
@@ -274,3 +273,9 @@ class GradientNoise(AnalysisCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.scales = [NoiseScale(G2, S, n) for G2, S, n in state_dict.get("scales", [])]
+
+
+def _sq_norms(g: torch.Tensor, K: int) -> torch.Tensor:
+    """``(K,)`` float64 squared norms of a gradient, per member (leading dim K when K > 1)."""
+    flat = g.detach().reshape(K, -1) if K > 1 else g.detach().reshape(1, -1)
+    return torch.linalg.vector_norm(flat, dim=1).double().square()
