@@ -240,6 +240,10 @@ def plot(out: str, samples: list[dict[str, Any]], groups: list[dict[str, Any]], 
 
 
 def _save(fig: Any, path: str) -> str:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log axes: decade labels only
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     import matplotlib.pyplot as plt
