@@ -6,4 +6,7 @@ scale on one GPU), writes its figures (PNG) into ``out`` and returns the numbers
 command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overparam fit``.
 """
 
-OBSERVATIONS: dict[str, str] = {}
+OBSERVATIONS: dict[str, str] = {
+    "lb_vs_sb": "overparam.reproduce.lb_vs_sb",
+    "mode_connectivity": "overparam.reproduce.mode_connectivity",
+}
