@@ -217,6 +217,24 @@ def test_top_k_matches_eigvalsh_float64(case):
     assert float((H @ y - result.eigenvalues[0] * y).norm()) <= 1e-6 * float(exact[0])
 
 
+BIG = [{"id": f"{m}-{l}", "model": m, "loss": l, "C": 3} for m in ("mlp_big", "cnn_big") for l in ("cross_entropy", "squared_hinge")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BIG, ids=[c["id"] for c in BIG])
+def test_top_k_matches_eigvalsh_at_a_few_thousand_parameters(case):
+    view, loss_fn, batches, H = _dense(case, P=60, chunks=(25, 35))
+    assert 1500 <= H.shape[0] <= 3000
+    exact = eigvalsh(H)
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="forward_over_reverse")
+    result = operator_eigsh(op, k=5, tol=1e-9, max_steps=200)
+    assert ((result.eigenvalues - exact[:5]).abs() / exact[:5].abs()).max() <= 1e-6
+    view32, _, batches32 = make_case(case, dtype=torch.float32, P=60, chunks=(25, 35))
+    op32 = HessianOperator.from_view(view32, loss_fn, batches32, hvp_mode="double_backward")
+    result32 = operator_eigsh(op32, k=5, tol=1e-6, max_steps=200)
+    assert ((result32.eigenvalues - exact[:5]).abs() / exact[:5].abs()).max() <= 1e-4
+
+
 @pytest.mark.parametrize("case", [CASE["mlp-ce"], CASE["cnn-sqhinge"]], ids=["mlp-ce", "cnn-sqhinge"])
 def test_top_k_matches_eigvalsh_float32(case):
     view64, loss_fn, batches64, H = _dense(case)

@@ -19,11 +19,12 @@ from overparam.models import FullyConnected
 class TinyCNN(nn.Module):
     """conv(1->3, 3x3) -> tanh -> conv(3->4, 3x3, stride 2) -> relu -> linear: a small CNN."""
 
-    def __init__(self, num_outputs: int) -> None:
+    def __init__(self, num_outputs: int, channels: tuple[int, int] = (3, 4)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=2)
-        self.head = nn.Linear(4 * 3 * 3, num_outputs)
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2)
+        self.head = nn.Linear(c2 * 3 * 3, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.tanh(self.conv1(x))
@@ -40,8 +41,11 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "cnn": TinyCNN,
     "mlp_relu": lambda C: FullyConnected(6, C, width=10, depth=1, activation="relu"),
     "linear": lambda C: nn.Sequential(nn.Flatten(), nn.Linear(6, C)),
+    # ~2-3k parameters: the size issue 4 names for the eigvalsh comparison (slow tests).
+    "mlp_big": lambda C: _mlp(C, width=40),
+    "cnn_big": lambda C: TinyCNN(C, channels=(10, 20)),
 }
-INPUTS = {"mlp": (6,), "cnn": (1, 7, 7), "mlp_relu": (6,), "linear": (6,)}
+INPUTS = {"mlp": (6,), "cnn": (1, 7, 7), "mlp_relu": (6,), "linear": (6,), "mlp_big": (6,), "cnn_big": (1, 7, 7)}
 
 CASES = [
     {"id": "mlp-ce", "model": "mlp", "loss": "cross_entropy", "C": 3},
