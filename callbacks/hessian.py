@@ -509,7 +509,7 @@ def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float 
         ax.stairs(counts.numpy(), bins.numpy(), color=color, label=label, fill=True, alpha=0.35)
         n_out = count_outliers(e["eigenvalues"], outlier_ratio)
         for i, lam in enumerate(e["eigenvalues"][:n_out]):
-            ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outliers" if i == 0 else None)
+            ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outlier{'s' if n_out > 1 else ''}" if i == 0 else None)
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue of the Hessian")
     ax.set_ylabel("number of eigenvalues")
