@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from overparam.curvature._base import CurvatureOperator
-from overparam.curvature.hvp import HVP_MODES, default_candidates, make_batch_hvp, probe_hvp_modes
+from overparam.curvature.hvp import HVP_MODES, _probe, default_candidates, make_batch_hvp
 from overparam.functional import Params
 
 
@@ -46,22 +46,25 @@ class HessianOperator(CurvatureOperator):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {', '.join(HVP_MODES)}; got {hvp_mode!r}")
         self.hvp_timings: dict[str, float] = {}
+        built: dict = {}
         if hvp_mode == "auto":
-            hvp_mode = self._probe(default_candidates(self.device, compile))
+            hvp_mode, built = self._probe(default_candidates(self.device, compile))
         self.hvp_mode = hvp_mode
-        self._hvp = make_batch_hvp(self.batch_loss, hvp_mode)
+        # The probe's function is reused: a compiled one is not compiled twice.
+        self._hvp = built.get(hvp_mode) or make_batch_hvp(self.batch_loss, hvp_mode)
 
-    def _probe(self, candidates: tuple[str, ...]) -> str:
-        if not self.batches:  # an empty shard: any mode gives zeros; agree on the default
-            return candidates[0]
-        x, y = self.batches[0]
-        best, self.hvp_timings = probe_hvp_modes(self.batch_loss, self.params, x, y, candidates)
+    def _probe(self, candidates: tuple[str, ...]) -> tuple[str, dict]:
+        built: dict = {}
+        best = candidates[0]  # an empty shard: any mode gives zeros; agree on rank 0's choice
+        if self.batches:
+            x, y = self.batches[0]
+            best, self.hvp_timings, built = _probe(self.batch_loss, self.params, x, y, candidates, 1)
         # Under DDP ranks must agree (timings differ by rank): rank 0's choice wins.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             choice = [best]
             torch.distributed.broadcast_object_list(choice, src=0)
             best = choice[0]
-        return best
+        return best, built
 
     def _matvec_batch(self, v: Params, x: Tensor, y: Tensor) -> Params:
         return self._hvp(self.params, v, x, y)

@@ -128,11 +128,18 @@ def probe_hvp_modes(
     A mode that raises (no forward-mode AD for some op) or whose compilation fell back is
     recorded as ``inf``. Warm-up calls absorb compilation time, which is paid once.
     """
+    best, timings, _ = _probe(batch_loss, params, x, y, candidates, repeats)
+    return best, timings
+
+
+def _probe(batch_loss, params, x, y, candidates, repeats):
+    """``probe_hvp_modes`` that also returns the built functions (a compiled one is reused)."""
     device = next(iter(params.values())).device
     v = {n: torch.randn_like(p) for n, p in params.items()}
     timings: dict[str, float] = {}
+    built: dict[str, BatchHVP] = {}
     for mode in candidates:
-        hvp = make_batch_hvp(batch_loss, mode)
+        hvp = built[mode] = make_batch_hvp(batch_loss, mode)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -143,7 +150,7 @@ def probe_hvp_modes(
     best = min(timings, key=timings.get)
     if timings[best] == float("inf"):
         raise RuntimeError(f"no HVP mode works on this model: tried {', '.join(candidates)}")
-    return best, timings
+    return best, timings, built
 
 
 def default_candidates(device: torch.device, compile: Optional[bool] = None) -> tuple[str, ...]:
