@@ -16,7 +16,7 @@ import pytest
 from overparam.commands import reproduce as reproduce_command
 from overparam.reproduce import OBSERVATIONS, lb_vs_sb, mode_connectivity
 
-TINY_PAIR = dict(n_train=500, n_test=500, analysis_size=500, width=[64], epochs=5, steps=200, points=11)
+TINY_PAIR = dict(n_train=500, n_test=500, analysis_size=500, width=[64], epochs=5, steps=150, points=9)
 TINY_BATCH = dict(n_train=512, n_test=500, width=[64], lb=256, sb=32, epochs=6, switch=3, points=9)
 
 

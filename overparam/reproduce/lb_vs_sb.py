@@ -84,7 +84,7 @@ def switch_checkpoint(run: Path, switch: int) -> Path:
 
 def lines(s: dict[str, Any], trained: dict[str, Path], out: Path) -> dict[str, dict[str, np.ndarray]]:
     """Each line's ``curve.npz`` (written by ``overparam interpolate`` under ``out/lines``)."""
-    common = ["--points", str(s["points"]), "--splits", "train,test", "--device", "cpu"]
+    common = ["--points", str(s["points"]), "--splits", "train,test"]  # on the GPU when there is one
     if s["size"] is not None:
         common += ["--size", str(s["size"])]
     specs = {
@@ -180,8 +180,9 @@ def run(scale: str, out: Path, runs: Path, settings: dict[str, Any] | None = Non
     curves = lines(s, trained, out)
     figures = plot(s, trained, curves, out)
     numbers: dict[str, Any] = {"settings": s, "figures": figures, "runs": {}}
-    # The nets at the end, evaluated exactly on the whole training and test sets (the lines' ends;
-    # the logged train/loss is the running mean over the last epoch, test/* equal these).
+    # The nets at the end, evaluated exactly: the lines' ends (the whole test set; the training
+    # points the lines use: all at small, `size` at full). The logged train/loss is the running
+    # mean over the last epoch; the logged test/* equal these.
     ends = {"lb": (curves["away_lb"], 0.0), "sb": (curves["away_sb"], 0.0), "lb_at_switch": (curves["switch"], 0.0),
             "lb_to_sb": (curves["switch"], 1.0)}
     for key, (c, t) in ends.items():

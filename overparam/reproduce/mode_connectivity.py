@@ -45,7 +45,7 @@ def connection(s: dict[str, Any], run: Path, out: Path) -> dict[str, np.ndarray]
     folder = out / "connection"
     if not (folder / "curve.npz").exists():
         connect.main(["--a", str(run), "--b", str(run), "--steps", str(s["steps"]), "--points", str(s["points"]),
-                      "--device", "cpu", "--out", str(folder)])
+                      "--out", str(folder)])  # on the GPU when there is one
     with np.load(folder / "curve.npz") as f:
         return {k: f[k] for k in f.files if k != "controls"}
 
