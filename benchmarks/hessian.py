@@ -19,7 +19,8 @@ Without it the baseline rows are skipped.
 Models: the MLP 784-500-300-10 (N = 545,810) on 2,048 samples, and a CNN on 28x28 inputs
 (N = 149,418 on ``--cnn-batch`` = 256 samples; ``--full``: N = 1,199,882 on 512, long on a CPU). Data are Gaussian inputs with random labels (timing and accuracy do not need MNIST).
 
-    python benchmarks/hessian.py                # CPU: a few minutes
+    python benchmarks/hessian.py --threads 1    # CPU: about 2 minutes (one thread: a shared CPU
+                                                # makes 2 OpenMP threads 10-25x slower)
     python benchmarks/hessian.py --compile      # + torch.compile (slow to build on CPU)
     python benchmarks/hessian.py --device cuda --full --compile
 """
