@@ -106,6 +106,7 @@ class InterpolationBarrier(AnalysisCallback):
     # --- hooks --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before fitting: check the reference against the task (K, architecture)."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         K = pl_module.ensemble_size

@@ -86,12 +86,18 @@ class AnalysisCallback(pl.Callback):
         if self.at_fit_end and not trainer.interrupted:
             self._run(trainer, pl_module, FIT_END)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """On every rank, before anything runs: resolve the run folder once.
+
+        ``trainer.log_dir`` is a broadcast under DDP; resolved here, where every rank is, the
+        rank-zero-only helpers (``save_npz``, plots) never call a collective alone. Subclasses
+        that override ``setup`` call ``super().setup(...)`` first.
+        """
+        self._log_dir = trainer.log_dir or trainer.default_root_dir
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
         if tag in self.done:
             return
-        # trainer.log_dir is a broadcast under DDP: resolve it here, where every rank is,
-        # so that rank-zero-only helpers (save_npz, plots) never call a collective alone.
-        self._log_dir = trainer.log_dir or trainer.default_root_dir
         with analysis_context(pl_module):
             self.analyse(trainer, pl_module, tag)
         self.done.append(tag)
@@ -104,9 +110,11 @@ class AnalysisCallback(pl.Callback):
     def output_dir(self, trainer: pl.Trainer) -> str:
         """``<log_dir>/<name>/`` (``default_root_dir/<name>`` without a logger); created on rank 0.
 
-        Safe on rank 0 alone inside ``analyse`` (the log dir is resolved beforehand on all ranks).
+        Safe on rank 0 alone: the log dir is resolved in ``setup`` on all ranks.
         """
-        base = getattr(self, "_log_dir", None) or trainer.log_dir or trainer.default_root_dir
+        base = getattr(self, "_log_dir", None)
+        if base is None:  # used outside a Trainer's setup: resolve now (all ranks must be here)
+            base = self._log_dir = trainer.log_dir or trainer.default_root_dir
         path = os.path.join(base, self.name)
         if trainer.is_global_zero:
             os.makedirs(path, exist_ok=True)

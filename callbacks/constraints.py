@@ -196,6 +196,7 @@ class ConstraintCounter(AnalysisCallback):
     # --- hooks -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Needs an overparam DataModule (the full training set) and a task with ``member_outputs``."""
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError("ConstraintCounter needs an overparam DataModule (data: ...) to count on the full training set")
 

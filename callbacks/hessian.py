@@ -191,24 +191,10 @@ class HessianSpectrum(AnalysisCallback):
         self._previous_vectors: dict[int, Tensor] = {}
         self._resolved_mode: Optional[str] = None
 
-    # --- where ---------------------------------------------------------------------------------
-    def output_dir(self, trainer: pl.Trainer) -> str:
-        """The base's folder, resolved once on every rank and cached.
-
-        ``trainer.log_dir`` broadcasts under DDP, so it must not be first reached from rank-0-only
-        code (``save_npz``, plots): ``_resolve_output_dir`` runs on all ranks before those.
-        """
-        if getattr(self, "_output_dir", None) is None:
-            self._output_dir = super().output_dir(trainer)
-        return self._output_dir
-
-    def _resolve_output_dir(self, trainer: pl.Trainer) -> None:
-        self._output_dir = None
-        self.output_dir(trainer)
-
     # --- setup ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check what needs the model and data: ``analysis_batches`` and the exact size limit."""
+        super().setup(trainer, pl_module, stage)
         cls = type(self).__name__
         if not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError(f"{cls} needs an overparam DataModule with analysis_batches(); got {type(trainer.datamodule).__name__}")
@@ -236,7 +222,6 @@ class HessianSpectrum(AnalysisCallback):
     # --- one analysis -------------------------------------------------------------------------
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
         """Spectrum of every member at the current params; log, save npz and PNG."""
-        self._resolve_output_dir(trainer)
         view = pl_module.functional_view()
         batches = self._batches(trainer)
         K = view.ensemble_size
@@ -421,7 +406,6 @@ class HessianSpectrum(AnalysisCallback):
         super().on_train_end(trainer, pl_module)
         if self.subspace_every_n_steps is None or not self.subspace_history:
             return
-        self._resolve_output_dir(trainer)
         if not trainer.is_global_zero:
             return
         rows = self.subspace_history
