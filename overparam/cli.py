@@ -189,9 +189,18 @@ class OverparamCLI(LightningCLI):
         trainer["callbacks"] = [*callbacks, checkpoint]
 
     def after_fit(self) -> None:
+        """Evaluate the final network exactly on the whole training set, test it, print the summary."""
         if not self._get(self.config, "summary") or self.trainer.interrupted or self.trainer.fast_dev_run:
             return
-        train = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("train/")}
+        train = {}
+        if self.datamodule is not None and "train" in self.datamodule.splits:
+            num_train = self.datamodule.split("train")[0].shape[0]
+            self.model.eval()
+            final = self.model.evaluate(self.datamodule.analysis_batches("train", size=num_train))
+            train = {"train/loss": float(final["loss"].mean()), "train/error": float(final["error"].mean())}
+            if self.trainer.is_global_zero:
+                for logger in self.trainer.loggers:
+                    logger.log_metrics({f"final/{k.replace('/', '_')}": v for k, v in train.items()}, step=self.trainer.global_step)
         test = {}
         if self.datamodule is not None and "test" in self.datamodule.splits:
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError, DivergenceError, check_choice, check_positive
 from overparam.functional import FunctionalView, ensemble_fn, module_fn, stack_members
 from overparam.losses import LOSS_NAMES, errors, get_loss
@@ -96,6 +97,7 @@ class Task(pl.LightningModule):
             }
         )
         self.register_buffer("_nonfinite_step", torch.tensor(-1), persistent=False)
+        self._epoch_sums: dict[str, dict[str, Any]] = {}
 
     # --- the network ------------------------------------------------------------------------
     @property
@@ -170,15 +172,31 @@ class Task(pl.LightningModule):
         x, y = batch[0], batch[1]
         out = self.member_outputs(x)  # (K, B, C)
         per_sample = self.loss_fn(out, y, reduction="none")  # (K, B)
-        self.metrics[f"{split}_loss"].update(per_sample)
-        self.metrics[f"{split}_error"].update(errors(out, y))
-        if self.ensemble_size > 1:
-            self.metrics[f"{split}_ensemble_error"].update(errors(out.mean(0), y).unsqueeze(0))
-        # Each rank's sum over its slice divided by the global batch size; DDP averages over
-        # ranks, so world_size restores the exact global mean even for unequal slices.
+        ensemble_errors = errors(out.mean(0), y) if self.ensemble_size > 1 else None
+        self.record(split, per_sample, errors(out, y), ensemble_errors)
+        return self.batch_loss(per_sample, batch)
+
+    def batch_loss(self, per_sample: Tensor, batch: Sequence[Any]) -> Tensor:
+        """This rank's share of the global batch mean, summed over members (whose gradients stay apart).
+
+        Each rank's sum over its slice is divided by the global batch size; DDP averages over
+        ranks, so ``world_size`` restores the exact global mean even for unequal slices.
+        """
         world_size = self._trainer.world_size if self._trainer is not None else 1
-        n_global = batch[2] if len(batch) > 2 else x.shape[0] * world_size
+        n_global = batch[2] if len(batch) > 2 else per_sample.shape[-1] * world_size
         return per_sample.sum(-1).sum() * world_size / n_global
+
+    def record(self, split: str, losses: Tensor, errors_k: Tensor, ensemble_errors: Optional[Tensor] = None) -> None:
+        """Add a batch's per-sample ``(K, B)`` losses and errors (and the ensemble's ``(B,)``) to the epoch sums.
+
+        Plain tensor sums on the device, pushed into the torchmetrics states once per epoch.
+        """
+        sums = self._epoch_sums.setdefault(split, {})
+        for name, values in (("loss", losses), ("error", errors_k), ("ensemble_error", ensemble_errors)):
+            if values is not None:
+                total = values.detach().reshape(-1, values.shape[-1]).sum(-1).double()
+                sums[name] = sums[name] + total if name in sums else total
+        sums["count"] = sums.get("count", 0) + losses.shape[-1]
 
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
@@ -214,10 +232,13 @@ class Task(pl.LightningModule):
 
     # --- epoch logging ------------------------------------------------------------------------
     def _log_split(self, split: str) -> None:
-        loss, error = self.metrics[f"{split}_loss"], self.metrics[f"{split}_error"]
-        if loss.count == 0 and not torch.distributed.is_initialized():
+        sums = self._epoch_sums.pop(split, {})
+        if not sums and not torch.distributed.is_initialized():
             return
-        loss_k, error_k = loss.compute(), error.compute()
+        for name in ("loss", "error", "ensemble_error"):
+            if name in sums:
+                self.metrics[f"{split}_{name}"].update(sums[name], sums["count"])
+        loss_k, error_k = self.metrics[f"{split}_loss"].compute(), self.metrics[f"{split}_error"].compute()
         values = {f"{split}/loss": loss_k.mean(), f"{split}/error": error_k.mean()}
         if self.ensemble_size > 1:
             values[f"{split}/ensemble_error"] = self.metrics[f"{split}_ensemble_error"].compute()[0]
@@ -237,6 +258,24 @@ class Task(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_split("test")
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
+        """Exact mean loss and 0/1 error per member over ``batches`` (all-reduced across ranks).
+
+        Returns ``{"loss": (K,), "error": (K,)}`` in float64: the network as it is now, unlike
+        the epoch's logged ``train/*``, which average over the steps of the epoch.
+        """
+        total = torch.zeros(2, self.ensemble_size, dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for x, y in batches:
+            out = self.member_outputs(x)
+            total[0] += self.loss_fn(out, y, reduction="none").sum(-1).double()
+            total[1] += errors(out, y).sum(-1).double()
+            count += x.shape[0]
+        all_reduce_sum(total)
+        all_reduce_sum(count)
+        return {"loss": total[0] / count, "error": total[1] / count}
 
     # --- optimisation, hyperparameters ------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

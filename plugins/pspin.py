@@ -290,17 +290,16 @@ class PSpinTask(Task):
     def _step(self, batch: Sequence[Any], split: str) -> Tensor:
         x, y = batch[0], batch[1]
         per_sample = self.loss_fn(self.member_outputs(x), y, reduction="none")  # (K, B)
-        self.metrics[f"{split}_loss"].update(per_sample)
-        self.metrics[f"{split}_error"].update(torch.zeros_like(per_sample))  # no 0/1 error for an energy
-        if self.ensemble_size > 1:
-            self.metrics[f"{split}_ensemble_error"].update(torch.zeros_like(per_sample[:1]))
+        # no 0/1 error for an energy
+        ensemble_errors = torch.zeros_like(per_sample[0]) if self.ensemble_size > 1 else None
+        self.record(split, per_sample, torch.zeros_like(per_sample), ensemble_errors)
         world_size = self._trainer.world_size if self._trainer is not None else 1
         n_global = batch[2] if len(batch) > 2 else x.shape[0] * world_size
         if split == "train":
             self._full_batch = n_global == self.num_train
             if self._full_batch:  # the energy per spin of each member at this step's spins (chunks add up)
                 self._batch_energy = self._batch_energy + all_reduce_sum(per_sample.detach().sum(-1).double() / n_global)
-        return per_sample.sum(-1).sum() * world_size / n_global  # members' gradients stay separate
+        return self.batch_loss(per_sample, batch)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the gradient on the tangent space; judge halting when it is the full gradient."""
