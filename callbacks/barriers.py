@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch

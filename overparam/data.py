@@ -10,7 +10,7 @@ draws the same permutation and takes its own disjoint slice of each global batch
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch

@@ -16,7 +16,7 @@ raises a ConfigError: BatchNorm in training mode is not vmap-safe).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn

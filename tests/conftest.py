@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -28,6 +29,17 @@ def _prepare_data_root(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: the test tensors are small, and on 2 (shared) cores torch's thread
+    pool only adds contention (measured: tiny products 10-50x slower with 2 threads under load).
+    Subprocesses get ``OMP_NUM_THREADS=1`` from ``run_cli``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``$OVERPARAM_DATA_DIR`` when set (CI prepares it), else a session copy of ../shared/data."""
@@ -40,7 +52,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m overparam ARGS`` in a subprocess (the installed command's code path)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "overparam", *args],
         cwd=cwd,

@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 UNVERIFIED = pytest.mark.filterwarnings("ignore:.*md5 check is off")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: torch's own thread pool only adds contention for these small convs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cifar_root(data_root: Path) -> Path:
     if not (data_root / "cifar-10-batches-py" / "data_batch_1").is_file():

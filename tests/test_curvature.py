@@ -15,7 +15,6 @@ from overparam.curvature import (
     dense_ggn,
     dense_hessian,
     density,
-    eigsh,
     eigvalsh,
     histogram,
     hutchinson,
@@ -37,15 +36,6 @@ except ImportError:  # tests/ not a package
     from test_curvature_cases import CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case
 
 CASE = {c["id"]: c for c in CASES}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny products on a shared 2-core machine: intra-op threads only oversubscribe (40x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _dense(case, **kw):

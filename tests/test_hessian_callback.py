@@ -23,14 +23,6 @@ except ImportError:  # tests/ not a package
     from conftest import CONFIGS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fit(tmp_path, callbacks, width=8, ensemble_size=1, init_seed=0, max_epochs=1, target="multiclass", **trainer_kw):
     data = TeacherStudentData(input_dim=5, num_train=96, num_test=32, target=target, num_classes=3, batch_size=32)
     task = TeacherStudent(

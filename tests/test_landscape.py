@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import os
 import socket
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from torch import nn
 from overparam.errors import ConfigError
 from overparam.functional import flatten, module_fn
 from overparam.landscape import (
-    Path as CurvePath,
     barrier_heights,
     curve_path,
     evaluate_path,
@@ -31,15 +29,6 @@ from overparam.landscape import (
     recompute_bn,
 )
 from overparam.losses import cross_entropy, errors, mse
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- toys with closed forms ---------------------------------------------------------------------

@@ -24,15 +24,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "teacher_student.yaml
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small nets: one intra-op thread avoids OpenMP spin-waits on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_data(**kwargs):
     return TeacherStudentData(input_dim=8, num_train=256, num_test=300, batch_size=64, **kwargs)
 

@@ -18,15 +18,6 @@ from overparam.plugins.mnist_fc import MnistData, MnistFC, pca_projection
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: torch's own thread pool only adds contention for these small tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mnist(root: Path, **kwargs) -> MnistData:
     data = MnistData(data_dir=str(root), **kwargs)
     data.setup()

@@ -13,7 +13,6 @@ import torch
 
 from overparam.curvature.exact import dense_hessian
 from overparam.errors import ConfigError
-from overparam.functional import FunctionalView
 from overparam.plugins.pspin import (
     GROUND_STATE,
     HaltingEnergies,
@@ -36,15 +35,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Finite-N allowance below the N -> infinity ground state (-1.6575 for p = 3): the minimum
 # of one small sample fluctuates by O(N^{-2/3}) around it.
 GROUND_STATE_MARGIN = 0.15
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matmuls are tiny: on a shared CPU more threads only contend (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(N: int = 12, p: int = 3, K: int = 1, **data_kwargs) -> tuple[PSpinData, PSpinTask]:
