@@ -158,3 +158,30 @@ def test_ensemble_command_averages_separate_runs(tmp_path, monkeypatch):
         assert result[key] == pytest.approx(expected[key], rel=1e-6), key
     assert main(["ensemble", "--ckpts", *folders, "--output", "e.json"]) == 0
     assert main(["ensemble", "--ckpts", str(tmp_path / "nowhere")]) == 2
+
+
+def test_ensemble_evaluation_under_ddp_equals_one_process(tmp_path):
+    """Two ranks (ddp_fork) reduce their test shards to the one-process numbers (and do not hang)."""
+    import json
+    import os
+
+    class Record(EnsembleEvaluation):
+        def on_test_epoch_end(self, trainer, pl_module):
+            super().on_test_epoch_end(trainer, pl_module)
+            values = {k: float(v) for k, v in trainer.callback_metrics.items() if "ensemble" in k}
+            with open(os.path.join(tmp_path, f"rank{trainer.global_rank}.json"), "w") as fh:
+                json.dump(values, fh)
+
+    task = _task(K=3).double()
+    data = _data()
+    x, y = data.load_splits()["test"]
+    expected = ensemble_metrics(task.member_outputs(x.double()).detach(), y.double(), task.loss_fn)
+    trainer = pl.Trainer(precision="64-true", accelerator="cpu", strategy="ddp_fork", devices=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[Record()])
+    trainer.test(task, data, verbose=False)
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert got["test/ensemble_fluctuation"] == pytest.approx(expected["fluctuation"], rel=1e-6), f"rank {rank}"
+        assert got["test/ensemble_loss"] == pytest.approx(expected["ensemble_loss"], rel=1e-6), f"rank {rank}"
+    assert (tmp_path / "ensemble" / "test.npz").is_file()
