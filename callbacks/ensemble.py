@@ -168,6 +168,7 @@ class EnsembleEvaluation(AnalysisCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A schedule needs an overparam DataModule (its test split); the loop hooks need nothing."""
+        super().setup(trainer, pl_module, stage)
         scheduled = self.every_n_epochs is not None or self.at_epochs or self.at_fit_end
         if stage == "fit" and scheduled and not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError("EnsembleEvaluation with every_n_epochs/at_epochs/at_fit_end needs an overparam DataModule (data: ...)")
@@ -187,8 +188,6 @@ class EnsembleEvaluation(AnalysisCallback):
         if sums is None:
             return
         sums.reduce()  # every rank now holds the global sums
-        # trainer.log_dir is a DDP broadcast: resolve it on every rank before rank-zero save_npz.
-        self._log_dir = trainer.log_dir or trainer.default_root_dir
         result = sums.compute()
         values = {f"{split}/ensemble_fluctuation": result["fluctuation"], f"{split}/ensemble_loss": result["ensemble_loss"]}
         for k, v in enumerate(result["member_fluctuation"].tolist()):
