@@ -16,15 +16,6 @@ from overparam.losses import squared_hinge
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waiting).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(P=24, width=8, K=1, target="random", num_classes=2, batch_size="full", lr=0.05, seed=0):
     data = TeacherStudentData(input_dim=4, num_train=P, num_test=50, target=target, num_classes=num_classes,
                               batch_size=batch_size, seed=seed)

@@ -13,15 +13,6 @@ from overparam.losses import squared_hinge
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waiting).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_metrics_on_hand_made_binary_outputs():
     # Two members, three points, labels +1, -1, +1.
     outputs = torch.tensor([[[1.0], [1.0], [-2.0]], [[3.0], [-3.0], [1.0]]], dtype=torch.float64)

@@ -8,21 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from overparam.commands.report import crossing, estimate_nstar, jamming, last_values
 from overparam.errors import ConfigError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "jamming_random.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waiting).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_crossing_interpolates_in_log_n():
