@@ -7,6 +7,7 @@ command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overpa
 """
 
 OBSERVATIONS: dict[str, str] = {
+    "jamming": "overparam.reproduce.jamming",
     "lb_vs_sb": "overparam.reproduce.lb_vs_sb",
     "mode_connectivity": "overparam.reproduce.mode_connectivity",
 }
