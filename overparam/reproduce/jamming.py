@@ -16,7 +16,7 @@ Two datasets:
   the test error vs N around N*, and the ensemble average past N*.
 
 ``small`` runs on one CPU thread in minutes (random: P = 60, d = 5, 6 widths; MNIST: P = 100,
-5 widths; K = 4 seeds per width, shorter plateaus); ``full`` is the talk's grid for one GPU
+8 widths; K = 4 seeds per width, shorter plateaus); ``full`` is the talk's grid for one GPU
 (random: P = 500, d = 10, the widths of ``configs/sweeps/jamming_random.yaml``; MNIST: P = 2,000
 with the widths of ``configs/sweeps/jamming_mnist.yaml``; K = 8, the configs' patience).
 """
@@ -43,7 +43,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "random": dict(config="experiments/jamming_random.yaml", widths=[1, 2, 4, 6, 8, 16], K=4,
                        data={"num_train": 60, "input_dim": 5, "num_test": 1000}, lr=0.03, max_epochs=800,
                        patience=30, min_rel_decrease=0.05),
-        "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[1, 2, 4, 8, 16], K=4,
+        "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[1, 2, 3, 4, 5, 6, 8, 16], K=4,
                       data={"n_train": 100, "n_test": 2000}, lr=0.03, max_epochs=800,
                       patience=30, min_rel_decrease=0.05),
     },
