@@ -49,7 +49,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "random": dict(config="experiments/jamming_random.yaml", widths=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 38], K=8,
-                       data={}, lr=None, max_epochs=20000, patience=None, min_rel_decrease=None),
+                       data={}, lr=None, max_epochs=20000, patience=None, min_rel_decrease=None,
+                       accelerator="auto"),  # the config pins the CPU
         "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[2, 4, 8, 12, 16, 24, 32, 40, 48, 64], K=8,
                       data={}, lr=None, max_epochs=20000, patience=None, min_rel_decrease=None),
     },
@@ -81,6 +82,8 @@ def sweep(name: str, s: dict[str, Any], runs: Path) -> Path:
         args += [f"--data.init_args.{k}={v}" for k, v in s["data"].items()]
         if s["lr"] is not None:
             args.append(f"--optimizer.init_args.lr={s['lr']}")
+        if s.get("accelerator"):
+            args.append(f"--trainer.accelerator={s['accelerator']}")
         _runs.fit(f"w{width}", args, root)
     return root
 
