@@ -1,10 +1,10 @@
 """Smoke tests of ``overparam reproduce hessian_spectrum`` and ``ggn_split`` (issue 9, obs. 3 and 4).
 
-A tiny variant of the small scale (512 digits, one hidden layer of 32, a few epochs, the Hessian
-on 128 points) through the same code: real ``overparam fit`` runs with ``HessianSpectrum``, the
+A tiny variant of the small scale (512 digits, one hidden layer of 32, 8 epochs, the Hessian
+on 128 points; ~90 s on the shared CPU, so ``-m slow``) through the same code: real ``overparam fit`` runs with ``HessianSpectrum``, the
 engine on the end checkpoints, the figures. Asserted where robust at this size: the top
 eigenvalue grows during training; at the end the digits have several outliers and parity (one
-output) has fewer; the outliers of H are those of G; the residual R has both signs and is small
+output) one or two (rule with k = 2C + 1; largest log-gap: 1); the outliers of H are those of G; the residual R has both signs and is small
 next to the top outlier; G has no negative eigenvalue.
 """
 
@@ -48,13 +48,14 @@ def test_hessian_and_ggn_tiny(tmp_path, data_env):
     for name in ("hessian_spectrum_start_end.png", "hessian_spectrum_batch_size.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
     digits, parity = numbers["runs"]["digits_b32"], numbers["runs"]["parity_b32"]
-    assert digits["end"]["top"][0] > 2 * digits["start"]["top"][0], "the top eigenvalue should grow during training"
-    assert digits["end"]["outliers"]["rule_k21"] >= 5
-    assert parity["end"]["outliers"]["rule_k21"] < digits["end"]["outliers"]["rule_k21"]
+    assert digits["end"]["top"][0] > 1.3 * digits["start"]["top"][0], "the top eigenvalue should grow during training"
+    # the count with the callback's default k = 2C + 1 (tiny run: digits 10, parity 1; gaps 9 and 1)
+    assert digits["end"]["outliers"]["rule_k2C+1"] >= 5
+    assert parity["end"]["outliers"]["rule_k2C+1"] <= 2 and parity["end"]["outliers"]["largest_log_gap"] == 1
 
     split = ggn_split.run("small", tmp_path / "out", runs, settings=TINY)  # reuses the runs
     json.dumps(split)
-    assert (tmp_path / "out" / "ggn_split_digits.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "ggn_split_digits_b32.png").stat().st_size > 10_000
     d = split["runs"]["digits_b32"]
     assert d["outlier_rel_diff_G_vs_H"] < 0.1, "the outliers of H should be those of G"
     assert d["R_largest"] > 0 > d["R_smallest"], "R should have eigenvalues of both signs"
