@@ -40,6 +40,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """In-process ``main(argv)`` stands for the command line: pytest's own flags must not look
+    like extra arguments to LightningCLI."""
+    monkeypatch.setattr("sys.argv", ["overparam"])
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``$OVERPARAM_DATA_DIR`` when set (CI prepares it), else a session copy of ../shared/data."""

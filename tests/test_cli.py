@@ -123,12 +123,6 @@ def test_divergence_stops_naming_the_step(tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.rglob("*.ckpt")), "no checkpoint of a diverged network"
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch):
-    # main(argv) stands for the command line; pytest's own flags must not look like extra args.
-    monkeypatch.setattr("sys.argv", ["overparam"])
-
-
 def _exit_code(run) -> int:
     try:
         return run()
