@@ -68,11 +68,16 @@ def test_plugins_lists_first_and_third_party_and_reports_the_broken_one(site, tm
     assert out.returncode == 1
 
 
-def test_third_party_task_trains_by_short_name_despite_a_broken_plugin(site, tmp_path):
-    out = run_cli("fit", "-c", TS, "--model", "RandomFeatures", "--model.num_features", "50", *ONE_EPOCH, cwd=tmp_path, env=with_site(site))
+def test_third_party_task_trains_by_short_name_with_callbacks_despite_a_broken_plugin(site, tmp_path):
+    out = run_cli("fit", "-c", TS, "--model", "RandomFeatures", "--model.num_features", "50", *ONE_EPOCH,
+                  "--trainer.callbacks+=HessianSpectrum", "--trainer.callbacks.density=false",
+                  "--trainer.callbacks+=ConstraintCounter", cwd=tmp_path, env=with_site(site))
     assert out.returncode == 0, out.stderr
-    hparams = (tmp_path / "runs" / "random_features" / "version_0" / "hparams.yaml").read_text()
-    assert "N: 51" in hparams  # 50 readout weights + 1 bias; the random features are buffers
+    run = tmp_path / "runs" / "random_features" / "version_0"
+    assert "N: 51" in (run / "hparams.yaml").read_text()  # 50 readout weights + 1 bias; features are buffers
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"hessian/top1", "hessian/outliers", "constraints/N_delta", "constraints/N_delta_over_N"} <= set(header)
+    assert (run / "hessian" / "end.npz").is_file() and (run / "constraints" / "end.npz").is_file()
 
 
 def test_autoload_off_hides_third_party_and_env_adds_local_modules(site, tmp_path):
