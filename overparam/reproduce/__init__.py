@@ -7,9 +7,11 @@ command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overpa
 """
 
 OBSERVATIONS: dict[str, str] = {
+    "gd_vs_sgd": "overparam.reproduce.gd_vs_sgd",
     "ggn_split": "overparam.reproduce.ggn_split",
     "hessian_spectrum": "overparam.reproduce.hessian_spectrum",
     "jamming": "overparam.reproduce.jamming",
     "lb_vs_sb": "overparam.reproduce.lb_vs_sb",
     "mode_connectivity": "overparam.reproduce.mode_connectivity",
+    "sgd_noise": "overparam.reproduce.sgd_noise",
 }
