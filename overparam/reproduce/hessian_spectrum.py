@@ -13,7 +13,7 @@ Lanczos, the SLQ density, the GGN split) at fit start and fit end:
 All runs start from the same initialisation (seed 0) and train for the same number of epochs
 with the same learning rate (plain SGD), so a larger batch also means fewer steps, as in
 Keskar et al. (2017) and Sagun et al. (2017). Outliers are counted three ways (judged in
-``docs/results/hessian_spectrum.md``): the callback's rule (above 2x the k-th largest, k = 21
+``docs/RESULTS.md``, section 3): the callback's rule (above 2x the k-th largest, k = 21
 here), the same rule with k = 2C + 1 (the callback's default top_k), and the largest gap of the
 log top-21 eigenvalues.
 
