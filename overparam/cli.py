@@ -34,7 +34,7 @@ DEFAULT_RUN_NAME = "default"
 LINKED = ("input_shape", "num_outputs", "num_train")
 
 EPILOG = "overparam's own subcommands:\n" + "\n".join(
-    f"  {name:12s}{help_}" for name, (_, help_) in COMMANDS.items()
+    f"  {name:13s}{help_}" for name, (_, help_) in COMMANDS.items()
 )
 
 

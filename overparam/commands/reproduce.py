@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.name == "list":
         for name, module in OBSERVATIONS.items():
-            print(f"{name:16s}{importlib.import_module(module).TITLE}")
+            print(f"{name:19s}{importlib.import_module(module).TITLE}")
         return 0
     if args.name not in OBSERVATIONS:
         raise ConfigError(f"reproduce: unknown observation {args.name!r}; allowed: {', '.join(OBSERVATIONS)}")
