@@ -14,10 +14,12 @@ ARGS = ["-c", str(CONFIGS / "teacher_student.yaml"), "-c", str(CONFIGS / "wandb.
         "--trainer.max_epochs", "2", "--data.num_train", "200"]
 
 
-def test_offline_run_writes_its_wandb_file_and_the_local_run(cli, tmp_path):
-    result = cli("fit", *ARGS, env={"WANDB_MODE": "offline"})
+def test_offline_run_writes_its_wandb_file_media_and_the_local_run(cli, tmp_path):
+    result = cli("fit", *ARGS, "--trainer.callbacks+=HessianSpectrum", "--trainer.callbacks.density=false",
+                 env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/files/media/images/hessian/spectrum_*.png"))
     run = tmp_path / "runs" / "teacher_student" / "version_0"
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
