@@ -143,13 +143,18 @@ class AnalysisCallback(pl.Callback):
                 logger.log_image(key=f"{self.name}/{key}", images=[path], step=trainer.global_step)
 
     @rank_zero_only
-    def log_histogram(self, trainer: pl.Trainer, key: str, values: Any) -> None:
-        """Values as a W&B histogram when W&B is a logger."""
+    def log_histogram(self, trainer: pl.Trainer, key: str, values: Any = None, counts_edges: Any = None) -> None:
+        """Raw values, or an already binned ``(counts, edges)``, as a W&B histogram when W&B is a logger."""
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.log_metrics({f"{self.name}/{key}": wandb.Histogram(_to_numpy(values))}, step=trainer.global_step)
+                if counts_edges is not None:
+                    counts, edges = counts_edges
+                    histogram = wandb.Histogram(np_histogram=(_to_numpy(counts), _to_numpy(edges)))
+                else:
+                    histogram = wandb.Histogram(_to_numpy(values))
+                logger.log_metrics({f"{self.name}/{key}": histogram}, step=trainer.global_step)
 
     # --- resume ------------------------------------------------------------------------------
     @property

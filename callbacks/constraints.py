@@ -271,6 +271,9 @@ class ConstraintCounter(AnalysisCallback):
             if "deltas" in result:
                 arrays["deltas"] = result["deltas"]
             self.save_npz(trainer, f"{tag.replace('=', '_')}.npz", **arrays)
+            # W&B: |Delta| of member 0's unsatisfied and satisfied constraints (log-spaced bins).
+            self.log_histogram(trainer, "abs_delta_unsat", counts_edges=(result["hist"][0, 0], self.edges))
+            self.log_histogram(trainer, "abs_delta_sat", counts_edges=(result["hist"][0, 1], self.edges))
         self._maybe_stop(trainer, tag)
 
     # --- SAT / jammed ---------------------------------------------------------------------
