@@ -9,6 +9,7 @@ and checkpoints (``checkpoints/last.ckpt``). A bad value ends with one line and 
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import inspect
@@ -18,7 +19,7 @@ import sys
 import warnings
 from typing import Any, NoReturn, Optional
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
@@ -148,7 +149,7 @@ class OverparamCLI(LightningCLI):
             },
             seed_everything_default=0,
             parser_class=OverparamArgumentParser,
-            parser_kwargs={"prog": "overparam", "epilog": EPILOG, "formatter_class": _EpilogFormatter()},
+            parser_kwargs={"prog": "overparam", "epilog": EPILOG, "formatter_class": _EpilogFormatter},
             args=args,
             **kwargs,
         )
@@ -220,17 +221,8 @@ class OverparamCLI(LightningCLI):
         print("overparam summary: " + "\n                   ".join(rows))
 
 
-class _EpilogFormatter:
+class _EpilogFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's line breaks (jsonargparse's default formatter refills them)."""
-
-    def __call__(self, prog: str) -> Any:
-        from jsonargparse import DefaultHelpFormatter
-        import argparse
-
-        class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
-            pass
-
-        return Formatter(prog)
 
 
 def _snake(name: str) -> str:

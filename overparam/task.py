@@ -183,8 +183,12 @@ class Task(pl.LightningModule):
         ranks, so ``world_size`` restores the exact global mean even for unequal slices.
         """
         world_size = self._trainer.world_size if self._trainer is not None else 1
-        n_global = batch[2] if len(batch) > 2 else per_sample.shape[-1] * world_size
-        return per_sample.sum(-1).sum() * world_size / n_global
+        return per_sample.sum(-1).sum() * world_size / self.global_batch_size(batch)
+
+    def global_batch_size(self, batch: Sequence[Any]) -> int:
+        """Points in the whole global batch: carried by resident batches, else equal slices assumed."""
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        return batch[2] if len(batch) > 2 else batch[0].shape[0] * world_size
 
     def record(self, split: str, losses: Tensor, errors_k: Tensor, ensemble_errors: Optional[Tensor] = None) -> None:
         """Add a batch's per-sample ``(K, B)`` losses and errors (and the ensemble's ``(B,)``) to the epoch sums.

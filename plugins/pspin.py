@@ -293,8 +293,7 @@ class PSpinTask(Task):
         # no 0/1 error for an energy
         ensemble_errors = torch.zeros_like(per_sample[0]) if self.ensemble_size > 1 else None
         self.record(split, per_sample, torch.zeros_like(per_sample), ensemble_errors)
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        n_global = batch[2] if len(batch) > 2 else x.shape[0] * world_size
+        n_global = self.global_batch_size(batch)
         if split == "train":
             self._full_batch = n_global == self.num_train
             if self._full_batch:  # the energy per spin of each member at this step's spins (chunks add up)
