@@ -115,9 +115,9 @@ class OverparamArgumentParser(LightningArgumentParser):
 class RunConfigSaver(SaveConfigCallback):
     """Saves ``config.yaml`` into the run folder; with W&B it also goes to the run's config.
 
-    LightningCLI's saver writes into ``trainer.log_dir``; with WandbLogger that is W&B's own
-    folder, so the config is written to the logger's ``save_dir`` run folder instead and
-    sent to W&B as the run config (no file collision).
+    The file goes to ``trainer.log_dir``, the first logger's folder: ``configs/wandb.yaml`` puts
+    the CSV logger first, so ``config.yaml`` lands in the local run folder, not in W&B's own
+    folder, and W&B receives the config as its run config (no file collision).
     """
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
