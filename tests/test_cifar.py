@@ -22,13 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 UNVERIFIED = pytest.mark.filterwarnings("ignore:.*md5 check is off")
 
 
-@pytest.fixture(scope="module")
-def cifar_root(data_root: Path) -> Path:
-    if not (data_root / "cifar-10-batches-py" / "data_batch_1").is_file():
-        pytest.skip(f"no CIFAR-10 under {data_root}")
-    return data_root
-
-
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch):
     """No test may reach the network (a failed md5 check would otherwise try to download)."""

@@ -204,14 +204,14 @@ def test_ddp_counts_equal_single_process(tmp_path):
     np.testing.assert_allclose(deltas_ddp, deltas_single, rtol=1e-12)
 
 
-def test_mnist_parity_config_counts_constraints(data_root, tmp_path, monkeypatch):
+def test_mnist_parity_config_counts_constraints(mnist_root, tmp_path, monkeypatch):
     """configs/experiments/jamming_mnist.yaml runs (shrunk) and logs the counts on P = 100 parity digits."""
     from overparam.cli import main
     from overparam.commands.report import last_values
 
     monkeypatch.chdir(tmp_path)
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "jamming_mnist.yaml")
-    assert main(["fit", "-c", config, f"--data.init_args.data_dir={data_root}", "--data.init_args.n_train=100",
+    assert main(["fit", "-c", config, f"--data.init_args.data_dir={mnist_root}", "--data.init_args.n_train=100",
                  "--data.init_args.n_test=200", "--trainer.max_epochs=2", "--model.init_args.width=4",
                  "--trainer.enable_model_summary=false", "--trainer.logger.init_args.version=v"]) == 0
     metrics = last_values(str(tmp_path / "runs" / "mnist_fc" / "v" / "metrics.csv"))

@@ -254,9 +254,9 @@ def _read_idx(path: Path, count: int, offset: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def mnist_subset(data_root):
+def mnist_subset(mnist_root):
     """The first 2,000 MNIST training images (1,000 to train, 1,000 held out), as floats in [0, 1]."""
-    raw = data_root / "MNIST" / "raw"
+    raw = mnist_root / "MNIST" / "raw"
     x = torch.tensor(_read_idx(raw / "train-images-idx3-ubyte.gz", 2000 * 784, 16).copy()).float().view(2000, 784) / 255
     y = torch.tensor(_read_idx(raw / "train-labels-idx1-ubyte.gz", 2000, 8).copy()).long()
     return (x[:1000], y[:1000]), (x[1000:], y[1000:])

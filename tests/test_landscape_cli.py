@@ -267,13 +267,13 @@ def test_bad_inputs_end_with_one_line(runs, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_connect_two_mnist_fc_runs(data_root, tmp_path):
+def test_connect_two_mnist_fc_runs(mnist_root, tmp_path):
     """The MNIST-FC plugin end to end: two seeds on 2,000 digits, linear barrier vs fitted curve."""
     config = CONFIG.parent / "mnist_fc.yaml"
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        common = ["fit", "-c", str(config), f"--data.data_dir={data_root}", "--data.n_train=2000", "--data.n_test=2000",
+        common = ["fit", "-c", str(config), f"--data.data_dir={mnist_root}", "--data.n_train=2000", "--data.n_test=2000",
                   "--data.val_size=0", "--model.init_args.width=[64]", "--trainer.max_epochs=8", "--data.batch_size=100"]
         for seed in (1, 2):
             assert overparam([*common, f"--model.init_args.init_seed={seed}", f"--trainer.logger.init_args.name=s{seed}"]) == 0
@@ -292,12 +292,12 @@ def test_connect_two_mnist_fc_runs(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_batchnorm_cnn_runs_reproduce_their_logged_losses_with_stored_endpoints(data_root, tmp_path):
+def test_batchnorm_cnn_runs_reproduce_their_logged_losses_with_stored_endpoints(cifar_root, tmp_path):
     """CIFAR-CNN with BatchNorm end to end: `--bn-endpoints stored` gives the logged test losses."""
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        common = ["fit", "-c", str(CONFIG.parent / "cifar_cnn.yaml"), f"--data.data_dir={data_root}", "--model.init_args.width=8",
+        common = ["fit", "-c", str(CONFIG.parent / "cifar_cnn.yaml"), f"--data.data_dir={cifar_root}", "--model.init_args.width=8",
                   "--model.init_args.batch_norm=true", "--data.init_args.n_train=1000", "--data.init_args.n_test=500",
                   "--data.init_args.val_size=0", "--data.init_args.verify_integrity=false", "--data.init_args.augment=false",
                   "--trainer.max_epochs=2"]

@@ -30,40 +30,40 @@ def rows(x: torch.Tensor) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def plain(data_root: Path) -> MnistData:
-    return mnist(data_root, n_train=1000, n_test=500, val_size=500)
+def plain(mnist_root: Path) -> MnistData:
+    return mnist(mnist_root, n_train=1000, n_test=500, val_size=500)
 
 
-def test_decoded_once_and_cached(data_root: Path):
-    splits = load_mnist(data_root)
+def test_decoded_once_and_cached(mnist_root: Path):
+    splits = load_mnist(mnist_root)
     assert splits["train"][0].shape == (60_000, 1, 28, 28) and splits["train"][0].dtype == torch.uint8
     assert splits["test"][0].shape == (10_000, 1, 28, 28)
     # Published facts of the official release (shared/data/README.md).
     assert splits["train"][1][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert torch.bincount(splits["test"][1]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(splits["train"][0].double().mean().item() / 255 - 0.1307) < 1e-4
-    assert (data_root / "MNIST" / "raw" / "overparam-uint8-train.pt").is_file()
+    assert (mnist_root / "MNIST" / "raw" / "overparam-uint8-train.pt").is_file()
 
 
-def test_second_load_reads_the_cache_without_torchvision(data_root: Path, monkeypatch: pytest.MonkeyPatch):
-    load_mnist(data_root)  # builds the cache if needed
+def test_second_load_reads_the_cache_without_torchvision(mnist_root: Path, monkeypatch: pytest.MonkeyPatch):
+    load_mnist(mnist_root)  # builds the cache if needed
     import torchvision.datasets
 
     def refuse(*args, **kwargs):
         raise AssertionError("decoded again although the cache is fresh")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", refuse)
-    assert load_mnist(data_root)["test"][0].shape == (10_000, 1, 28, 28)
+    assert load_mnist(mnist_root)["test"][0].shape == (10_000, 1, 28, 28)
 
 
-def test_subsample_is_class_balanced_nested_and_disjoint_from_val(data_root: Path, plain: MnistData):
+def test_subsample_is_class_balanced_nested_and_disjoint_from_val(mnist_root: Path, plain: MnistData):
     x_tr, y_tr = plain.raw["train"]
     x_val, y_val = plain.raw["val"]
     assert torch.bincount(y_tr).tolist() == [100] * 10
     assert torch.bincount(y_val).tolist() == [50] * 10
     assert torch.bincount(plain.raw["test"][1]).tolist() == [50] * 10
     assert not set(rows(x_tr)) & set(rows(x_val)), "validation points leaked into the training subset"
-    smaller = MnistData(data_dir=str(data_root), n_train=300, val_size=500).load_splits()
+    smaller = MnistData(data_dir=str(mnist_root), n_train=300, val_size=500).load_splits()
     assert set(rows(smaller["train"][0])) <= set(rows(x_tr)), "the subsample for P=300 is not inside P=1000"
     assert plain.num_train == 1000 and plain.split("train")[0].shape == (1000, 1, 28, 28)
 
@@ -81,8 +81,8 @@ def test_normalised_on_the_device_in_float(plain: MnistData):
     torch.testing.assert_close(x, expected)
 
 
-def test_label_noise_scrambles_the_exact_fraction(data_root: Path, plain: MnistData):
-    noisy = mnist(data_root, n_train=1000, n_test=500, val_size=500, label_noise=0.25)
+def test_label_noise_scrambles_the_exact_fraction(mnist_root: Path, plain: MnistData):
+    noisy = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, label_noise=0.25)
     y_clean, y_noisy = plain.raw["train"][1], noisy.raw["train"][1]
     changed = y_clean != y_noisy
     assert changed.sum() == 250
@@ -92,20 +92,20 @@ def test_label_noise_scrambles_the_exact_fraction(data_root: Path, plain: MnistD
         assert torch.equal(noisy.raw[split][1], plain.raw[split][1]), f"{split} labels must stay clean"
 
 
-def test_parity_labels(data_root: Path, plain: MnistData):
-    parity = mnist(data_root, n_train=1000, n_test=500, val_size=500, labels="parity")
+def test_parity_labels(mnist_root: Path, plain: MnistData):
+    parity = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, labels="parity")
     assert parity.num_outputs == 1
     for split in ("train", "val", "test"):
         digits = plain.raw[split][1]
         y = parity.split(split)[1]
         assert y.dtype == torch.float32
         assert torch.equal(y, torch.where(digits % 2 == 0, 1.0, -1.0))
-    flipped = mnist(data_root, n_train=1000, n_test=500, val_size=500, labels="parity", label_noise=0.1)
+    flipped = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, labels="parity", label_noise=0.1)
     assert (flipped.split("train")[1] != parity.split("train")[1]).sum() == 100
 
 
-def test_pca_dimension_and_whiteness(data_root: Path, plain: MnistData):
-    white = mnist(data_root, n_train=1000, n_test=500, val_size=500, pca_dim=20, whiten=True)
+def test_pca_dimension_and_whiteness(mnist_root: Path, plain: MnistData):
+    white = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, pca_dim=20, whiten=True)
     assert white.input_shape == (20,)
     for split in ("train", "val", "test"):
         assert white.split(split)[0].shape == (plain.split(split)[0].shape[0], 20)
@@ -113,7 +113,7 @@ def test_pca_dimension_and_whiteness(data_root: Path, plain: MnistData):
     torch.testing.assert_close(z.mean(0), torch.zeros(20, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.T.cov(correction=0), torch.eye(20, dtype=torch.float64), atol=1e-4, rtol=0)
     # Without whitening: the variances are the top eigenvalues of the training covariance.
-    raw = mnist(data_root, n_train=1000, n_test=500, val_size=500, pca_dim=20)
+    raw = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, pca_dim=20)
     pixels = plain.split("train")[0].flatten(1).double()
     top = torch.linalg.eigvalsh(pixels.T.cov(correction=0)).flip(0)[:20]
     torch.testing.assert_close(raw.split("train")[0].double().var(0, correction=0), top, rtol=1e-4, atol=1e-5)
@@ -128,8 +128,8 @@ def test_pca_projection_on_known_axes():
     torch.testing.assert_close(((x - mean).double() @ W_white).var(0, correction=0), torch.ones(2, dtype=torch.float64))
 
 
-def test_sum_mod_10_labels_of_known_pairs(data_root: Path, plain: MnistData):
-    pairs = mnist(data_root, n_train=1000, n_test=500, val_size=500, sum_mod_10=True)
+def test_sum_mod_10_labels_of_known_pairs(mnist_root: Path, plain: MnistData):
+    pairs = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, sum_mod_10=True)
     assert pairs.input_shape == (1, 28, 56) and pairs.num_outputs == 10
     for split in ("train", "test"):
         x_single, y_single = plain.raw[split]
@@ -144,13 +144,13 @@ def test_sum_mod_10_labels_of_known_pairs(data_root: Path, plain: MnistData):
     assert net.net(pairs.split("train")[0][:3]).shape == (3, 10)
 
 
-def test_input_noise_is_fixed_gaussian_on_training_inputs(data_root: Path, plain: MnistData):
-    noisy = mnist(data_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
+def test_input_noise_is_fixed_gaussian_on_training_inputs(mnist_root: Path, plain: MnistData):
+    noisy = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
     delta = noisy.split("train")[0] - plain.split("train")[0]
     assert abs(delta.std().item() - 0.5) < 0.005 and abs(delta.mean().item()) < 0.005
     for split in ("val", "test"):
         assert torch.equal(noisy.split(split)[0], plain.split(split)[0])
-    again = mnist(data_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
+    again = mnist(mnist_root, n_train=1000, n_test=500, val_size=500, input_noise=0.5)
     assert torch.equal(again.split("train")[0], noisy.split("train")[0]), "noise must be seeded"
 
 
@@ -186,13 +186,13 @@ def test_offline_without_data_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
         MnistData(data_dir=str(tmp_path / "empty2"), download=False).setup()
 
 
-def test_default_root_from_environment(data_root: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OVERPARAM_DATA_DIR", str(data_root))
+def test_default_root_from_environment(mnist_root: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OVERPARAM_DATA_DIR", str(mnist_root))
     assert MnistData(n_train=10).load_splits()["train"][0].shape == (10, 1, 28, 28)
 
 
-def test_small_fc_learns_mnist_in_seconds(data_root: Path):
-    data = MnistData(data_dir=str(data_root), n_train=1000, n_test=1000, batch_size=50)
+def test_small_fc_learns_mnist_in_seconds(mnist_root: Path):
+    data = MnistData(data_dir=str(mnist_root), n_train=1000, n_test=1000, batch_size=50)
     task = MnistFC(width=[64], input_shape=data.input_shape, num_outputs=10, num_train=data.num_train, lr=0.1, momentum=0.9)
     trainer = pl.Trainer(
         max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -203,21 +203,21 @@ def test_small_fc_learns_mnist_in_seconds(data_root: Path):
     assert error < 0.2, f"test error {error:.3f} after 3 epochs on 1000 digits (chance: 0.9)"
 
 
-def test_config_gives_the_talk_sized_network(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_config_gives_the_talk_sized_network(mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from overparam.cli import OverparamCLI
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["overparam"])
-    cli = OverparamCLI(args=["-c", str(REPO / "configs" / "mnist_fc.yaml"), f"--data.data_dir={data_root}"], run=False)
+    cli = OverparamCLI(args=["-c", str(REPO / "configs" / "mnist_fc.yaml"), f"--data.data_dir={mnist_root}"], run=False)
     assert isinstance(cli.model, MnistFC) and cli.model.N == 443_610
     assert cli.datamodule.num_train == 55_000 and cli.model.num_train == 55_000
 
 
 @pytest.mark.slow
-def test_cli_fit_and_offline_error(cli, data_root: Path, tmp_path: Path):
+def test_cli_fit_and_offline_error(cli, mnist_root: Path, tmp_path: Path):
     config = str(REPO / "configs" / "mnist_fc.yaml")
     small = ["--data.n_train=1000", "--data.val_size=200", "--model.width=[32]", "--trainer.max_epochs=1"]
-    done = cli("fit", "-c", config, f"--data.data_dir={data_root}", *small)
+    done = cli("fit", "-c", config, f"--data.data_dir={mnist_root}", *small)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "overparam summary: N = 25,450  P = 1,000" in done.stdout
     failed = cli("fit", "-c", config, f"--data.data_dir={tmp_path / 'none'}", "--data.download=false", *small)

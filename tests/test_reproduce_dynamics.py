@@ -25,13 +25,6 @@ TINY_NOISE = dict(n_train=256, n_test=200, analysis_size=256, width=[64], batch=
                   lr=0.1, lrs=[0.1])
 
 
-@pytest.fixture
-def data_env(data_root, monkeypatch):
-    monkeypatch.setenv("OVERPARAM_DATA_DIR", str(data_root))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
 def test_registered():
     assert OBSERVATIONS["gd_vs_sgd"] == "overparam.reproduce.gd_vs_sgd"
     assert OBSERVATIONS["sgd_noise"] == "overparam.reproduce.sgd_noise"
@@ -63,7 +56,7 @@ def test_target_loss_rejects_bad_arguments(kwargs, match):
         sgd_noise.TargetLoss(**kwargs)
 
 
-def test_sgd_noise_tiny(tmp_path, data_env):
+def test_sgd_noise_tiny(tmp_path, mnist_env):
     numbers = sgd_noise.run("small", tmp_path / "out", tmp_path / "runs", settings=TINY_NOISE)
     json.dumps(numbers)
     for name in numbers["figures"]:
@@ -89,7 +82,7 @@ def test_sgd_noise_tiny(tmp_path, data_env):
 
 
 @pytest.mark.slow
-def test_gd_vs_sgd_tiny(tmp_path, data_env):
+def test_gd_vs_sgd_tiny(tmp_path, mnist_env):
     numbers = gd_vs_sgd.run("small", tmp_path / "out", tmp_path / "runs", settings=TINY_GD)
     json.dumps(numbers)
     assert (tmp_path / "out" / "gd_vs_sgd.png").stat().st_size > 10_000

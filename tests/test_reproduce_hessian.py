@@ -17,7 +17,6 @@ import pytest
 
 from overparam.commands import reproduce as reproduce_command
 from overparam.reproduce import OBSERVATIONS, ggn_split, hessian_spectrum
-from tests.test_reproduce_landscape import data_env  # noqa: F401 - the fixture (MNIST dir, one thread)
 
 TINY = dict(n_train=512, analysis_size=128, width=[32], epochs=8, batch_sizes=[32, 256], top_k=21)
 
@@ -41,7 +40,7 @@ def test_outlier_counts():
 
 
 @pytest.mark.slow
-def test_hessian_and_ggn_tiny(tmp_path, data_env):
+def test_hessian_and_ggn_tiny(tmp_path, mnist_env):
     runs = tmp_path / "runs"
     numbers = hessian_spectrum.run("small", tmp_path / "out", runs, settings=TINY)
     json.dumps(numbers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -39,9 +38,8 @@ def test_reduced_random_sweep(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_scale(tmp_path, data_root):
+def test_small_scale(tmp_path, mnist_env):
     """The whole small scale: random labels and MNIST parity."""
-    os.environ.setdefault("OVERPARAM_DATA_DIR", str(data_root))
     numbers = jamming.run("small", tmp_path / "out", tmp_path / "runs")
     check_phase(numbers["random"])
     check_phase(numbers["mnist"])

@@ -20,13 +20,6 @@ TINY_PAIR = dict(n_train=500, n_test=500, analysis_size=500, width=[64], epochs=
 TINY_BATCH = dict(n_train=512, n_test=500, width=[64], lb=256, sb=32, epochs=6, switch=3, points=9)
 
 
-@pytest.fixture
-def data_env(data_root, monkeypatch):
-    monkeypatch.setenv("OVERPARAM_DATA_DIR", str(data_root))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
 def test_registered_with_titles(capsys):
     assert OBSERVATIONS["lb_vs_sb"] == "overparam.reproduce.lb_vs_sb"
     assert OBSERVATIONS["mode_connectivity"] == "overparam.reproduce.mode_connectivity"
@@ -37,7 +30,7 @@ def test_registered_with_titles(capsys):
         assert set(module.SCALES) == {"small", "full"}
 
 
-def test_mode_connectivity_tiny(tmp_path, data_env):
+def test_mode_connectivity_tiny(tmp_path, mnist_env):
     numbers = mode_connectivity.run("small", tmp_path / "out", tmp_path / "runs", settings=TINY_PAIR)
     json.dumps(numbers)  # the command saves them as JSON
     assert (tmp_path / "out" / "mode_connectivity.png").stat().st_size > 10_000
@@ -49,7 +42,7 @@ def test_mode_connectivity_tiny(tmp_path, data_env):
 
 
 @pytest.mark.slow
-def test_lb_vs_sb_tiny(tmp_path, data_env):
+def test_lb_vs_sb_tiny(tmp_path, mnist_env):
     numbers = lb_vs_sb.run("small", tmp_path / "out", tmp_path / "runs", settings=TINY_BATCH)
     json.dumps(numbers)
     for name in ("lb_vs_sb_training.png", "lb_vs_sb_lines.png"):
