@@ -9,7 +9,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from overparam.errors import ConfigError
 from overparam.sweeps import agent_args, check_agent_value, command_for, expand, load_sweep
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, data_root_for_config
 
 SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
 # Per sweep: overrides that make its first point a few-second run (appended after ${args}).
@@ -50,13 +50,18 @@ RUN_BY_DEFAULT = "jamming_random"
     [pytest.param(p, marks=() if p.stem == RUN_BY_DEFAULT else pytest.mark.slow) for p in SWEEPS],
     ids=[p.stem for p in SWEEPS],
 )
-def test_first_point_of_each_sweep_trains(path, tmp_path, data_root):
+def test_first_point_of_each_sweep_trains(path, tmp_path, request):
     sweep = load_sweep(path)
     command = command_for(sweep, expand(sweep)[0])
+    data_root = data_root_for_config(request, REPO / command[command.index("--config") + 1])
     command = [sys.executable, "-m", "overparam", *command[2:], *TINY[path.stem], "--summary=false",
                "--trainer.enable_checkpointing=false"]
-    env = {"OVERPARAM_DATA_DIR": str(data_root), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+    env = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+    if data_root is not None:
+        env["OVERPARAM_DATA_DIR"] = str(data_root)
+    # The agent runs where configs/ resolves; the run folders go to tmp_path, not into the repo.
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, **env, "PYTHONUNBUFFERED": "1"},
                             )
     assert result.returncode == 0, result.stderr[-2000:]
