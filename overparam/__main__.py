@@ -1,5 +1,5 @@
 import sys
 
-from overparam.cli import main
+from overparam.console import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""The ``overparam`` command: LightningCLI's fit/validate/test/predict plus overparam's own.
+"""The ``overparam`` command's fit/validate/test/predict: a LightningCLI (``overparam.console``
+answers --help and runs overparam's own subcommands without importing this module).
 
 Tasks and DataModules are chosen in subclass mode (``--model TeacherStudent``,
 ``--data MnistData``); plugins are imported before parsing so short names work. The
@@ -24,19 +25,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from overparam.commands import COMMANDS
+from overparam.console import OWN_COMMANDS_HELP as EPILOG
+from overparam.console import main  # noqa: F401 - the entry point stays importable as overparam.cli.main
+from overparam.console import run_reporting_errors
 from overparam.data import OverparamDataModule
-from overparam.errors import ConfigError, DivergenceError
 from overparam.registry import load_plugins, suggest
 from overparam.task import Task
 
 DEFAULT_RUNS_DIR = "runs"
 DEFAULT_RUN_NAME = "default"
 LINKED = ("input_shape", "num_outputs", "num_train")
-
-EPILOG = "overparam's own subcommands:\n" + "\n".join(
-    f"  {name:13s}{help_}" for name, (_, help_) in COMMANDS.items()
-)
 
 
 def condense_parser_error(message: str) -> str:
@@ -243,40 +241,17 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``overparam`` console script and ``python -m overparam``."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[args[0]][0])
-        return _run_reporting_errors(lambda: module.main(args[1:]))
+def run(argv: Optional[list[str]] = None) -> int:
+    """fit/validate/test/predict (``overparam.console.main`` sends them here), errors as one line.
+
+    Args:
+        argv: the arguments after ``overparam``; None lets LightningCLI read ``sys.argv``.
+    """
     load_plugins()
     _quiet_known_warnings()
     # "Seed set to 0" would precede every one-line error; the seed is in config.yaml anyway.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    return _run_reporting_errors(lambda: OverparamCLI(args=None if argv is None else args) and 0)
-
-
-def _run_reporting_errors(run: Any) -> int:
-    """Run a command; a ConfigError or DivergenceError anywhere in the chain becomes one line."""
-    try:
-        return int(run() or 0)
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is one of ours
-        cause = _our_error(exc)
-        if cause is None:
-            raise
-        sys.stderr.write(f"overparam: error: {cause}\n")
-        return 3 if isinstance(cause, DivergenceError) else 2
-
-
-def _our_error(exc: Optional[BaseException]) -> Optional[Exception]:
-    """The ConfigError/DivergenceError that caused ``exc`` (jsonargparse and Lightning wrap them)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (ConfigError, DivergenceError)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return run_reporting_errors(lambda: OverparamCLI(args=argv) and 0)
 
 
 if __name__ == "__main__":
