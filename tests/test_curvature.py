@@ -151,23 +151,85 @@ def test_auto_mode_falls_back_to_double_backward_without_forward_ad():
     view, loss_fn, batches = make_case(CASE["mlp-ce"])
     fn = lambda p, b, x: view.fn(p, b, _NoForwardAD.apply(x))
     op = HessianOperator(fn, view.params, loss_fn, batches, hvp_mode="auto")
+    assert op.hvp_mode == "auto" and op.hvp_timings == {}, "nothing is computed before the first product"
+    H = HessianOperator(fn, view.params, loss_fn, batches, hvp_mode="double_backward").to_dense()
+    compare_matmat(op.matmat, H)  # 3 products: the choice is made while computing them, correctly
     assert op.hvp_mode == "double_backward"
     assert op.hvp_timings["forward_over_reverse"] == float("inf")
     assert set(op.hvp_timings) == {"forward_over_reverse", "double_backward"}
+    assert "functorch transforms" in str(op._chooser.failures["forward_over_reverse"])
+
+
+def _counting(loss_fn):
+    """``(loss, calls)``: ``loss_fn`` that appends to ``calls`` at each evaluation."""
+    calls = []
+
+    def loss(out, y, reduction):
+        calls.append(1)
+        return loss_fn(out, y, reduction=reduction)
+
+    return loss, calls
+
+
+def test_auto_mode_chooses_without_extra_products():
+    view, loss_fn, batches, H = _dense(CASE["cnn-ce"])
+    counting_loss, calls = _counting(loss_fn)
+    op = HessianOperator.from_view(view, counting_loss, batches, hvp_mode="auto")
+    compare_matmat(op.matmat, H, num_vectors=3)  # double backward (builds its graphs), both timed
+    assert op.hvp_mode in ("forward_over_reverse", "double_backward")
+    assert 0 < op.hvp_timings["forward_over_reverse"] < math.inf and 0 < op.hvp_timings["double_backward"] < math.inf
+    assert len(calls) <= 3 * len(batches), "at most one loss evaluation per batch and product: the choice costs nothing extra"
+
+
+def test_double_backward_keeps_each_batch_graph_within_its_budget():
+    view, loss_fn, batches, H = _dense(CASE["mlp-sqhinge"])
+    counting_loss, calls = _counting(loss_fn)
+    cached = HessianOperator.from_view(view, counting_loss, batches, hvp_mode="double_backward")
+    compare_matmat(cached.matmat, H, num_vectors=4)
+    assert len(calls) == len(batches), "the forward and first backward run once per batch"
+    assert 0 < cached._hvp.cached_bytes <= cached._hvp.cache_bytes
+    calls.clear()
+    recomputed = HessianOperator.from_view(view, counting_loss, batches, hvp_mode="double_backward", cache_bytes=0)
+    compare_matmat(recomputed.matmat, H, num_vectors=4)
+    assert len(calls) == 4 * len(batches) and recomputed._hvp.cached_bytes == 0
+
+
+def test_a_data_error_passes_through_the_hvp_with_its_own_message():
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    (x, y), rest = batches[0], batches[1:]
+    broken = [(x, y.clone().fill_(7))] + rest  # labels out of range for C = 3
+    for mode in ("auto", "forward_over_reverse", "double_backward"):
+        op = HessianOperator.from_view(view, loss_fn, broken, hvp_mode=mode)  # builds, computes nothing
+        with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+            operator_eigsh(op, k=2)
 
 
 def test_compiled_mode_falls_back_to_eager_when_compile_fails(monkeypatch):
     def broken_compile(f, **kwargs):
         def fail(*args):
-            raise RuntimeError("Dynamo says no")
+            raise torch._dynamo.exc.TorchDynamoException("Dynamo says no")
 
         return fail
 
     monkeypatch.setattr(hvp_module.torch, "compile", broken_compile)
     view, loss_fn, batches, H = _dense(CASE["mlp-ce"])
     op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="compiled")
-    with pytest.warns(UserWarning, match="torch.compile of the HVP failed"):
+    with pytest.warns(UserWarning, match="torch.compile of the HVP failed .*Dynamo says no"):
         compare_matmat(op.matmat, H)
+
+
+def test_only_dynamo_errors_make_compiled_fall_back(monkeypatch):
+    def compile_with_a_bug(f, **kwargs):
+        def fail(*args):
+            raise ValueError("a bug in the model, not in Dynamo")
+
+        return fail
+
+    monkeypatch.setattr(hvp_module.torch, "compile", compile_with_a_bug)
+    view, loss_fn, batches = make_case(CASE["mlp-ce"])
+    op = HessianOperator.from_view(view, loss_fn, batches, hvp_mode="compiled")
+    with pytest.raises(ValueError, match="a bug in the model"):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
 
 
 # --- Lanczos ---------------------------------------------------------------------------------------

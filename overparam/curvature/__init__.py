@@ -13,7 +13,7 @@ from overparam.curvature._base import CurvatureOperator
 from overparam.curvature.exact import dense_ggn, dense_hessian, eigvalsh
 from overparam.curvature.ggn import GGNOperator
 from overparam.curvature.hessian import HessianOperator
-from overparam.curvature.hvp import HVP_MODES, make_batch_hvp, probe_hvp_modes
+from overparam.curvature.hvp import HVP_MODES, HVPChooser, make_batch_hvp, missing_forward_ad
 from overparam.curvature.lanczos import EigenResult, LanczosResult, bottom_k, eigsh, lanczos, operator_eigsh, top_k
 from overparam.curvature.residual import ResidualOperator
 from overparam.curvature.slq import SLQResult, density, histogram, moments, slq
@@ -24,6 +24,7 @@ __all__ = [
     "CurvatureOperator",
     "EigenResult",
     "GGNOperator",
+    "HVPChooser",
     "HVP_MODES",
     "HessianOperator",
     "LanczosResult",
@@ -40,9 +41,9 @@ __all__ = [
     "hutchinson",
     "lanczos",
     "make_batch_hvp",
+    "missing_forward_ad",
     "moments",
     "operator_eigsh",
-    "probe_hvp_modes",
     "slq",
     "subspace_fraction",
     "subspace_overlap",

@@ -20,51 +20,66 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from overparam.curvature._base import CurvatureOperator
-from overparam.curvature.hvp import HVP_MODES, _probe, default_candidates, make_batch_hvp
+from overparam.curvature.hvp import DEFAULT_CACHE_BYTES, HVP_MODES, HVPChooser, default_candidates, make_batch_hvp, timed_product
 from overparam.functional import Params
 
 
 class HessianOperator(CurvatureOperator):
     """``H v`` over a list of batches; see ``CurvatureOperator`` for the common arguments.
 
+    Nothing is computed at construction: the HVP path is built, and for ``auto`` chosen, by the
+    products themselves (curvlinops' operators likewise do no work until the first product), so
+    an error in the model or the data surfaces from the first product with its own message.
+
     Args:
-        hvp_mode: ``auto`` (time the candidates on the first batch, keep the fastest),
-            ``forward_over_reverse``, ``compiled`` or ``double_backward`` (see ``hvp.py``).
+        hvp_mode: ``auto`` (the first products try each candidate in turn, timed; the fastest is
+            kept: ``HVPChooser``), ``forward_over_reverse``, ``compiled`` or ``double_backward``
+            (see ``hvp.py``).
         compile: whether ``auto`` also tries ``compiled`` (default: on CUDA only).
+        cache_bytes: memory ``double_backward`` may keep for its per-batch gradient graphs
+            (default 1 GiB, ``hvp.DEFAULT_CACHE_BYTES``); the operator holds them until it is
+            dropped.
 
     Attributes:
-        hvp_mode: the mode in use (``auto`` resolved).
-        hvp_timings: seconds per candidate from the probe (empty unless ``auto``).
+        hvp_timings: seconds of one product per candidate (empty unless ``auto``).
     """
 
-    def __init__(self, *args, hvp_mode: str = "auto", compile: Optional[bool] = None, **kwargs) -> None:
+    def __init__(
+        self, *args, hvp_mode: str = "auto", compile: Optional[bool] = None, cache_bytes: int = DEFAULT_CACHE_BYTES, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode must be one of {', '.join(HVP_MODES)}; got {hvp_mode!r}")
-        self.hvp_timings: dict[str, float] = {}
-        built: dict = {}
+        self._chooser: Optional[HVPChooser] = None
         if hvp_mode == "auto":
-            hvp_mode, built = self._probe(default_candidates(self.device, compile))
-        self.hvp_mode = hvp_mode
-        # The probe's function is reused: a compiled one is not compiled twice.
-        self._hvp = built.get(hvp_mode) or make_batch_hvp(self.batch_loss, hvp_mode)
+            self._chooser = HVPChooser(self.batch_loss, default_candidates(self.device, compile), cache_bytes)
+            self._hvp = self._chooser
+        else:
+            self._hvp = make_batch_hvp(self.batch_loss, hvp_mode, cache_bytes)
+        self._fixed_mode = hvp_mode
 
-    def _probe(self, candidates: tuple[str, ...]) -> tuple[str, dict]:
-        built: dict = {}
-        best = candidates[0]  # an empty shard: any mode gives zeros; agree on rank 0's choice
-        if self.batches:
-            x, y = self.batches[0]
-            best, self.hvp_timings, built = _probe(self.batch_loss, self.params, x, y, candidates, 1)
-        # Under DDP ranks must agree (timings differ by rank): rank 0's choice wins.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            choice = [best]
-            torch.distributed.broadcast_object_list(choice, src=0)
-            best = choice[0]
-        return best, built
+    @property
+    def hvp_mode(self) -> str:
+        """The mode in use: the fixed one, the one ``auto`` chose, or ``auto`` while choosing."""
+        if self._chooser is None:
+            return self._fixed_mode
+        return self._chooser.mode or "auto"
+
+    @property
+    def hvp_timings(self) -> dict[str, float]:
+        return dict(self._chooser.timings) if self._chooser is not None else {}
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v``; while ``auto`` is choosing, each product is timed for the choice."""
+        if self._chooser is None or self._chooser.mode is not None:
+            return super().matvec(v)
+        product = super().matvec
+        out, seconds = timed_product(lambda: product(v), self.device)
+        self._chooser.record(seconds)
+        return out
 
     def _matvec_batch(self, v: Params, x: Tensor, y: Tensor) -> Params:
         return self._hvp(self.params, v, x, y)
