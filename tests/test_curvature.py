@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from overparam.curvature import (
+    ConvergenceWarning,
     GGNOperator,
     HessianOperator,
     ResidualOperator,
@@ -15,6 +17,7 @@ from overparam.curvature import (
     dense_ggn,
     dense_hessian,
     density,
+    eigsh,
     eigvalsh,
     histogram,
     hutchinson,
@@ -25,15 +28,20 @@ from overparam.curvature import (
     subspace_fraction,
     subspace_overlap,
     top_k,
+    warm_eigsh,
 )
 from overparam.curvature import hvp as hvp_module
 from overparam.curvature.slq import rademacher
 from overparam.functional import FunctionalView
 
 try:
-    from tests.test_curvature_cases import CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case
+    from tests.test_curvature_cases import (
+        CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case, make_trained_case,
+    )
 except ImportError:  # tests/ not a package
-    from test_curvature_cases import CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case
+    from test_curvature_cases import (
+        CASES, IDS, check_estimator_convergence, compare_consecutive_matmats, compare_matmat, make_case, make_trained_case,
+    )
 
 CASE = {c["id"]: c for c in CASES}
 
@@ -251,6 +259,87 @@ def test_lanczos_survives_an_invariant_subspace_and_spans_everything_at_m_equals
     torch.testing.assert_close(Q.T @ Q, torch.eye(6, dtype=torch.float64), atol=1e-12, rtol=0)
     theta, _, _ = run.ritz()
     torch.testing.assert_close(theta, d.sort().values, atol=1e-12, rtol=0)
+
+
+def _diagonal(d: Tensor):
+    return lambda v: d.to(v.dtype) * v
+
+
+def test_lanczos_resolves_a_tight_cluster_through_thick_restarts():
+    # Top: 5 eigenvalues within 4e-4 of each other above a bulk; bottom: the same, mirrored.
+    cluster = 1.0 - 1e-4 * torch.arange(5, dtype=torch.float64)
+    bulk = torch.linspace(-0.9, 0.9, 391, dtype=torch.float64)
+    d = torch.cat([cluster, bulk, -cluster, torch.tensor([0.95], dtype=torch.float64)])
+    for which, want in (("largest", d.sort(descending=True).values[:6]), ("smallest", d.sort().values[:6])):
+        result = eigsh(_diagonal(d), d.numel(), k=6, which=which, tol=1e-10, dtype=torch.float64, max_basis=30)
+        assert result.num_restarts > 0, "the small basis must have been restarted"
+        assert bool(result.converged.all()), result.relative_residuals
+        torch.testing.assert_close(result.eigenvalues, want, rtol=0, atol=1e-9)
+        # The reported residuals are the true ones after restarts: |A y - theta y|.
+        Y = result.eigenvectors
+        true = (d[:, None] * Y - Y * result.eigenvalues).norm(dim=0)
+        assert float((true - result.residuals).abs().max()) < 1e-9
+        torch.testing.assert_close(Y.T @ Y, torch.eye(6, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_lanczos_flags_and_warns_when_the_budget_runs_out():
+    d = torch.linspace(0, 1, 500, dtype=torch.float64)
+    with pytest.warns(ConvergenceWarning, match=r"did not converge in 12 products.*raise max_steps \(now 12\) or max_basis"):
+        result = eigsh(_diagonal(d), 500, k=3, which="smallest", max_steps=12, dtype=torch.float64)
+    assert result.num_matvecs == 12 and not bool(result.converged.any())
+    assert bool((result.relative_residuals > 1e-6).all())
+
+
+def test_bottom_k_of_a_trained_net_is_right_or_flagged_at_defaults():
+    """Issue 13: the bottom-10 of a trained net (clustered bulk edge) came back 1e-2 |lambda_1| off
+    after the old 40 steps, with no warning. At the defaults they must be right to 1e-4 |lambda_1|
+    or flagged; here all converge."""
+    view, loss_fn, batches = make_trained_case()
+    exact = eigvalsh(dense_hessian(view.fn, view.params, loss_fn, batches)).flip(0)  # ascending
+    lam1 = float(exact.abs().max())
+    view32 = FunctionalView(view.fn, {n: p.float() for n, p in view.params.items()}, {})
+    op = HessianOperator.from_view(view32, loss_fn, [(x.float(), y) for x, y in batches], hvp_mode="double_backward")
+    result = operator_eigsh(op, k=10, which="smallest")
+    error = (result.eigenvalues - exact[:10]).abs() / lam1
+    assert bool(((error <= 1e-4) | ~result.converged).all()), f"unflagged error: {error.tolist()}"
+    assert bool(result.converged.all()) and float(error.max()) <= 1e-6, (error.tolist(), result.converged.tolist())
+    # The old default budget: the same eigenvalues are now flagged instead of silently wrong.
+    with pytest.warns(ConvergenceWarning):
+        short = operator_eigsh(op, k=10, which="smallest", max_steps=40)
+    error = (short.eigenvalues - exact[:10]).abs() / lam1
+    assert float(error.max()) > 1e-4 and bool(((error <= 1e-4) | ~short.converged).all())
+
+
+def test_warm_start_needs_fewer_products_on_a_slowly_changing_operator():
+    N = 400
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64)).Q
+    d = torch.cat([torch.tensor([10.0, 8.0, 7.0, 6.5, 6.0]), torch.rand(N - 5, generator=g) * 5]).double()
+    E = torch.randn(N, N, generator=g, dtype=torch.float64)
+    E = (E + E.T) / (2 * N**0.5)  # ||E|| ~ 1
+
+    def operator(t: float) -> Tensor:
+        return Q @ torch.diag(d) @ Q.T + t * E
+
+    previous = top_k(lambda v: operator(0.0) @ v, N, k=5, dtype=torch.float64)
+    cold, warm = [], []
+    for step in range(1, 6):  # five "training steps", the operator drifting by 1% of ||E|| each
+        A = operator(0.01 * step)
+        exact = torch.linalg.eigvalsh(A).flip(0)[:5]
+        fresh = top_k(lambda v: A @ v, N, k=5, dtype=torch.float64, seed=step)
+        previous = warm_eigsh(lambda v: A @ v, previous, seed=step)
+        for result in (fresh, previous):
+            assert bool(result.converged.all())
+            torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-9, atol=0)
+        cold.append(fresh.num_matvecs)
+        warm.append(previous.num_matvecs)
+    assert sum(warm) < 0.85 * sum(cold), f"warm {warm} vs cold {cold}"
+    # An eigenvalue that jumps into the top-5 from the bulk is still found from the warm start.
+    u = Q[:, 100]  # a bulk eigenvector
+    A = operator(0.05) + 9.0 * torch.outer(u, u)
+    jumped = warm_eigsh(lambda v: A @ v, previous, seed=9)
+    assert bool(jumped.converged.all())
+    torch.testing.assert_close(jumped.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:5], rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=IDS[:4])

@@ -84,6 +84,28 @@ def make_case(
     return view, get_loss(case["loss"]), batches
 
 
+def make_trained_case(steps: int = 100, seed: int = 0) -> tuple[FunctionalView, Callable, list[tuple[Tensor, Tensor]]]:
+    """A tanh MLP 6-16-12-3 (N = 355) trained by full-batch Adam on 48 random-label points.
+
+    Near a minimum its Hessian has a clustered bulk edge: the bottom-10 eigenvalues lie within
+    ~1e-3 |lambda_1| of each other, 2e-5..3e-4 |lambda_1| apart -- the case where a short Lanczos run
+    was silently wrong (issue 13).
+    """
+    torch.manual_seed(seed)
+    net = FullyConnected(6, 3, width=[16, 12], activation="tanh").double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(48, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=generator)
+    loss_fn = get_loss("cross_entropy")
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.03)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(net(x), y).backward()
+        optimizer.step()
+    view = FunctionalView(module_fn(net), {n: p.detach() for n, p in net.named_parameters()}, {})
+    return view, loss_fn, list(zip(x.split([21, 27]), y.split([21, 27])))
+
+
 def compare_matmat(op_matmat: Callable[[Tensor], Tensor], dense: Tensor, num_vectors: int = 3, rtol: float = 1e-10, atol: float = 1e-12) -> None:
     """The operator times random vectors equals the dense matrix times them."""
     generator = torch.Generator().manual_seed(3)

@@ -21,7 +21,7 @@ CASE = {c["id"]: c for c in CASES}["cnn-sqhinge"]
 def _analyse(batches, mode: str = "double_backward") -> dict:
     view, loss_fn, _ = make_case(CASE)
     H = HessianOperator.from_view(view, loss_fn, batches, hvp_mode=mode)
-    top = operator_eigsh(H, k=3, tol=0.0, max_steps=12)  # equality needs no convergence
+    top = operator_eigsh(H, k=3, tol=0.0, max_steps=12, warn=False)  # equality needs no convergence
     density = slq(H.matvec, H.dim, num_probes=1, num_steps=6, seed=4, dtype=H.dtype)
     _, g = H.loss_and_gradient()
     G = GGNOperator.from_view(view, loss_fn, batches)
@@ -31,7 +31,7 @@ def _analyse(batches, mode: str = "double_backward") -> dict:
         "nodes": density.nodes,
         "trace": torch.tensor(hutchinson(H.matvec, H.dim, num_probes=3, dtype=H.dtype).trace),
         "fraction": torch.tensor(subspace_fraction(g, top.eigenvectors)),
-        "ggn_top": operator_eigsh(G, k=2, tol=0.0, max_steps=8).eigenvalues,
+        "ggn_top": operator_eigsh(G, k=2, tol=0.0, max_steps=8, warn=False).eigenvalues,
         "mode": H.hvp_mode,
     }
 

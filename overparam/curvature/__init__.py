@@ -3,9 +3,10 @@
 Operators (``HessianOperator``, ``GGNOperator``, ``ResidualOperator``) are matrix-free symmetric
 N x N matrices of the empirical risk ``1/P sum_i l(f(theta; x_i), y_i)`` over a list of batches;
 under DDP each rank passes its shard and every rank gets the single-process product. The
-algorithms take any ``v -> A v``: ``eigsh``/``top_k``/``bottom_k`` (Lanczos, full
-reorthogonalisation), ``slq`` + ``density``/``moments``/``histogram`` (spectral density),
-``hutchinson`` (trace), ``dense_hessian``/``dense_ggn``/``eigvalsh`` (small-N oracles), and
+algorithms take any ``v -> A v``: ``eigsh``/``top_k``/``bottom_k``/``warm_eigsh`` (thick-restart
+Lanczos, full reorthogonalisation, residual and ``converged`` flag per eigenvalue), ``slq`` +
+``density``/``moments``/``histogram`` (spectral density), ``hutchinson`` (trace, with its
+standard error), ``dense_hessian``/``dense_ggn``/``eigvalsh`` (small-N oracles), and
 ``subspace_fraction``/``subspace_overlap`` (gradient in the top subspace). See docs/curvature.md.
 """
 
@@ -14,13 +15,24 @@ from overparam.curvature.exact import dense_ggn, dense_hessian, eigvalsh
 from overparam.curvature.ggn import GGNOperator
 from overparam.curvature.hessian import HessianOperator
 from overparam.curvature.hvp import HVP_MODES, HVPChooser, make_batch_hvp, missing_forward_ad
-from overparam.curvature.lanczos import EigenResult, LanczosResult, bottom_k, eigsh, lanczos, operator_eigsh, top_k
+from overparam.curvature.lanczos import (
+    ConvergenceWarning,
+    EigenResult,
+    LanczosResult,
+    bottom_k,
+    eigsh,
+    lanczos,
+    operator_eigsh,
+    top_k,
+    warm_eigsh,
+)
 from overparam.curvature.residual import ResidualOperator
 from overparam.curvature.slq import SLQResult, density, histogram, moments, slq
 from overparam.curvature.subspace import subspace_fraction, subspace_overlap
 from overparam.curvature.trace import TraceEstimate, hutchinson
 
 __all__ = [
+    "ConvergenceWarning",
     "CurvatureOperator",
     "EigenResult",
     "GGNOperator",
@@ -48,4 +60,5 @@ __all__ = [
     "subspace_fraction",
     "subspace_overlap",
     "top_k",
+    "warm_eigsh",
 ]
