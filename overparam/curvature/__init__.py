@@ -5,9 +5,10 @@ N x N matrices of the empirical risk ``1/P sum_i l(f(theta; x_i), y_i)`` over a 
 under DDP each rank passes its shard and every rank gets the single-process product. The
 algorithms take any ``v -> A v``: ``eigsh``/``top_k``/``bottom_k``/``warm_eigsh`` (thick-restart
 Lanczos, full reorthogonalisation, residual and ``converged`` flag per eigenvalue), ``slq`` +
-``density``/``moments``/``histogram`` (spectral density), ``hutchinson`` (trace, with its
-standard error), ``dense_hessian``/``dense_ggn``/``eigvalsh`` (small-N oracles), and
-``subspace_fraction``/``subspace_overlap`` (gradient in the top subspace). See docs/curvature.md.
+``density``/``density_band``/``moments``/``moment_stderr``/``histogram`` (spectral density with
+probe-to-probe standard errors), ``hutchinson`` (trace, with its standard error),
+``dense_hessian``/``dense_ggn``/``eigvalsh`` (small-N oracles), and ``subspace_fraction``/
+``subspace_overlap`` (gradient in the top subspace). See docs/curvature.md.
 """
 
 from overparam.curvature._base import CurvatureOperator
@@ -27,7 +28,7 @@ from overparam.curvature.lanczos import (
     warm_eigsh,
 )
 from overparam.curvature.residual import ResidualOperator
-from overparam.curvature.slq import SLQResult, density, histogram, moments, slq
+from overparam.curvature.slq import SLQResult, density, density_band, histogram, moment_stderr, moments, slq
 from overparam.curvature.subspace import subspace_fraction, subspace_overlap
 from overparam.curvature.trace import TraceEstimate, hutchinson
 
@@ -47,6 +48,7 @@ __all__ = [
     "dense_ggn",
     "dense_hessian",
     "density",
+    "density_band",
     "eigsh",
     "eigvalsh",
     "histogram",
@@ -54,6 +56,7 @@ __all__ = [
     "lanczos",
     "make_batch_hvp",
     "missing_forward_ad",
+    "moment_stderr",
     "moments",
     "operator_eigsh",
     "slq",
