@@ -16,12 +16,17 @@ for the C outliers of Papyan (2019) and puts lambda_k in the bulk. Outliers deca
 would miss them.
 
 Outputs, in ``<log_dir>/<name>/`` (rank 0): ``<tag>.npz`` per analysis (tag ``start``,
-``epoch=E`` or ``end``) with eigenvalues, Ritz residuals, SLQ nodes and weights (leading
-member dimension K), a PNG ``<tag>.png`` like the talk's figure (log-scale histogram of the
-spectrum, outliers marked, the fit-start spectrum overlaid), and with ``subspace_every_n_steps``
-the series ``subspace.npz`` and ``subspace_overlap.png`` at fit end. Scalars go to every logger
-as ``<name>/top1``, ``<name>/outliers``, ``<name>/trace``, ...; with K > 1 members every name
-gets the suffix ``/member_k``.
+``epoch=E`` or ``end``; leading member dimension K) with every value beside its uncertainty:
+eigenvalues with their Ritz residuals and ``converged`` flags (1/0, against ``tol``), the
+trace with its standard error, SLQ nodes and weights with the probe count, the moments
+tr(H^j)/N (j = 1..4) with their standard errors and the smoothed density with its pointwise
+standard error; a PNG ``<tag>.png`` like the talk's figure (log-scale histogram of the
+spectrum, outliers marked, the fit-start spectrum overlaid, a +-2 SE band, a caption with the
+number of probes and the convergence of the top-k), and with ``subspace_every_n_steps`` the
+series ``subspace.npz`` and ``subspace_overlap.png`` at fit end. Scalars go to every logger as
+``<name>/top1``, ``<name>/outliers``, ``<name>/trace``, ``<name>/unconverged``, ...; with K > 1
+members every name gets the suffix ``/member_k``. An eigenvalue that did not converge is
+reported by one ``rank_zero_warn`` per analysis naming the option to raise.
 
 BatchNorm: analyses run in eval mode, so BatchNorm uses its running statistics and the Hessian
 is that of a fixed function of theta (batch statistics would make it depend on the chunking).
@@ -46,14 +51,19 @@ from overparam.curvature import (
     HessianOperator,
     ResidualOperator,
     dense_hessian,
+    density_band,
     eigvalsh,
     histogram,
     hutchinson,
+    moment_stderr,
+    moments,
     operator_eigsh,
     slq,
     subspace_fraction,
     subspace_overlap,
 )
+from overparam.curvature.lanczos import EigenResult
+from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
 
 
@@ -77,10 +87,15 @@ class HessianSpectrum(AnalysisCallback):
     Args:
         top_k: largest eigenvalues by Lanczos (default 2C + 1, at least 5: room for C outliers).
         bottom_k: smallest eigenvalues too (negative directions; default 0).
-        lanczos_steps: most Lanczos steps per run (default ``max(2k + 20, 40)``, see ``eigsh``).
-        tol: stop when every wanted Ritz residual is below ``tol * |lambda_1|`` (default 1e-6).
+        lanczos_steps: product budget of each Lanczos run (default ``max(40k, 600)``, see
+            ``eigsh``); a run stops earlier once every wanted eigenpair has converged.
+        lanczos_basis: vectors Lanczos keeps before a thick restart (memory ``lanczos_basis * N``;
+            default ``max(3k + 50, 100)``).
+        tol: an eigenpair has converged when its Ritz residual is below ``tol * ||H||``
+            (default 1e-6). Unconverged ones are flagged in the .npz and warned about.
         density: also estimate the spectral density by SLQ (needed for the bulk in the PNG).
-        density_probes: SLQ probes (default 1, Ghorbani et al. 2019 Section 2.3).
+        density_probes: SLQ probes (default ``slq.DEFAULT_PROBES``, whose docstring gives the
+            measurement behind it); the moments' and the density's standard errors need >= 2.
         density_steps: Lanczos steps per probe (default 90, Ghorbani et al. 2019).
         ggn_split: also the top-k of the Gauss-Newton part G and the extreme eigenvalues of the
             residual R = H - G (Papyan 2019), and their traces on the same probes.
@@ -129,10 +144,11 @@ class HessianSpectrum(AnalysisCallback):
         top_k: Optional[int] = None,
         bottom_k: int = 0,
         lanczos_steps: Optional[int] = None,
+        lanczos_basis: Optional[int] = None,
         tol: float = 1e-6,
         density: bool = True,
-        density_probes: int = 1,
-        density_steps: int = 90,
+        density_probes: int = DEFAULT_PROBES,
+        density_steps: int = DEFAULT_STEPS,
         ggn_split: bool = False,
         trace_probes: int = 10,
         exact: bool = False,
@@ -158,6 +174,7 @@ class HessianSpectrum(AnalysisCallback):
         for option, value in (
             ("top_k", top_k),
             ("lanczos_steps", lanczos_steps),
+            ("lanczos_basis", lanczos_basis),
             ("analysis_size", analysis_size),
             ("batch_size", batch_size),
             ("subspace_every_n_steps", subspace_every_n_steps),
@@ -177,6 +194,7 @@ class HessianSpectrum(AnalysisCallback):
             raise ConfigError(f"{cls}.outlier_ratio must be greater than 1, got {outlier_ratio!r}")
         check_choice(f"{cls}.hvp_mode", hvp_mode, HVP_MODES)
         self.top_k, self.bottom_k, self.lanczos_steps, self.tol = top_k, bottom_k, lanczos_steps, tol
+        self.lanczos_basis = lanczos_basis
         self.density, self.density_probes, self.density_steps = density, density_probes, density_steps
         self.ggn_split, self.trace_probes = ggn_split, trace_probes
         self.exact, self.exact_max_params, self.outlier_ratio = exact, exact_max_params, outlier_ratio
@@ -238,6 +256,7 @@ class HessianSpectrum(AnalysisCallback):
                     "member": k,
                     **result["scalars"],
                     "eigenvalues": result["top"].tolist(),
+                    "converged": result["converged"].tolist(),
                     "nodes": result["nodes"].tolist() if result["nodes"] is not None else None,
                     "weights": result["weights"].tolist() if result["weights"] is not None else None,
                     "exact": result["exact"].tolist() if result["exact"] is not None else None,
@@ -245,6 +264,7 @@ class HessianSpectrum(AnalysisCallback):
                 }
             )
         self.log_metrics(trainer, pl_module, metrics)
+        self._warn_unconverged(tag, results)
         self._save(trainer, tag, results)
         if trainer.is_global_zero:
             self.log_histogram(trainer, "eigenvalues", _histogram_samples(results[0]))
@@ -258,19 +278,24 @@ class HessianSpectrum(AnalysisCallback):
         loss_fn = pl_module.loss_fn
         H = self._hessian(view, loss_fn, batches)
         k = self._num_top(pl_module, H.dim)
-        eig_kwargs = {"max_steps": self.lanczos_steps, "tol": self.tol, "seed": self.seed}
+        # The engine's own warning is off: every rank would emit it; ``_warn_unconverged`` warns on rank 0.
+        eig_kwargs = {"max_steps": self.lanczos_steps, "max_basis": self.lanczos_basis, "tol": self.tol, "seed": self.seed, "warn": False}
         top = operator_eigsh(H, k=k, **eig_kwargs)
+        if H.hvp_mode != "auto":  # chosen during the products: later operators skip the choice
+            self._resolved_mode = H.hvp_mode
         if self.subspace_every_n_steps is not None:  # reused by the subspace measurements
             self._ritz[member] = (step, top.eigenvectors, top.eigenvalues)
         scalars: dict[str, float] = {f"top{i + 1}": float(v) for i, v in enumerate(top.eigenvalues)}
         scalars["outliers"] = count_outliers(top.eigenvalues.tolist(), self.outlier_ratio)
-        scalars["ritz_residual_max"] = float(top.residuals.max() / max(float(top.eigenvalues.abs().max()), 1e-30))
-        out: dict[str, Any] = {"top": top.eigenvalues, "residuals": top.residuals, "N": H.dim}
-        out["bottom"] = out["bottom_residuals"] = torch.zeros(0, dtype=torch.float64)
+        scalars["ritz_residual_max"] = float(top.relative_residuals.max())
+        out: dict[str, Any] = {"top": top.eigenvalues, "residuals": top.residuals, "converged": top.converged, "N": H.dim}
+        out["unconverged"] = _unconverged("top", top)
+        out["bottom"] = out["bottom_residuals"] = out["bottom_converged"] = torch.zeros(0, dtype=torch.float64)
         if self.bottom_k:
             bottom = operator_eigsh(H, k=min(self.bottom_k, H.dim), which="smallest", **eig_kwargs)
             scalars.update({f"bottom{i + 1}": float(v) for i, v in enumerate(bottom.eigenvalues)})
-            out["bottom"], out["bottom_residuals"] = bottom.eigenvalues, bottom.residuals
+            out["bottom"], out["bottom_residuals"], out["bottom_converged"] = bottom.eigenvalues, bottom.residuals, bottom.converged
+            out["unconverged"] += _unconverged("bottom", bottom)
         if self.trace_probes:
             trace = hutchinson(H.matvec, H.dim, self.trace_probes, self.seed, H.dtype, H.device)
             scalars["trace"], scalars["trace_stderr"] = trace.trace, trace.stderr
@@ -278,8 +303,12 @@ class HessianSpectrum(AnalysisCallback):
         if self.density:
             result = slq(H.matvec, H.dim, self.density_probes, self.density_steps, self.seed, H.dtype, H.device)
             out["nodes"], out["weights"] = result.nodes, result.weights
+            out["moments"] = moments(result.nodes, result.weights, MOMENT_ORDERS)
+            out["moment_stderr"] = moment_stderr(result.nodes, result.weights, MOMENT_ORDERS)
+            out["density_grid"], out["density"], out["density_stderr"] = density_band(result.nodes, result.weights)
         if self.ggn_split:
             self._ggn_split(view, loss_fn, batches, k, eig_kwargs, scalars, out)
+        scalars["unconverged"] = sum(n for _, n, _ in out["unconverged"])
         out["exact"] = None
         if self.exact:
             out["exact"] = eigvalsh(dense_hessian(view.fn, view.params, loss_fn, batches, view.buffers))
@@ -289,17 +318,37 @@ class HessianSpectrum(AnalysisCallback):
 
     def _ggn_split(self, view, loss_fn, batches, k, eig_kwargs, scalars, out) -> None:
         G = GGNOperator.from_view(view, loss_fn, batches)
-        R = ResidualOperator.from_view(view, loss_fn, batches, hvp_mode=self._resolved_mode)
+        R = ResidualOperator.from_view(view, loss_fn, batches, hvp_mode=self._resolved_mode or self.hvp_mode, compile=self.compile)
         ggn = operator_eigsh(G, k=k, **eig_kwargs)
         res_top = operator_eigsh(R, k=1, **eig_kwargs)
         res_bottom = operator_eigsh(R, k=1, which="smallest", **eig_kwargs)
         scalars.update({f"ggn_top{i + 1}": float(v) for i, v in enumerate(ggn.eigenvalues)})
         scalars["residual_top1"], scalars["residual_bottom1"] = float(res_top.eigenvalues[0]), float(res_bottom.eigenvalues[0])
         if self.trace_probes:  # the same probes as tr H: tr G + tr R = tr H sample by sample
-            scalars["ggn_trace"] = hutchinson(G.matvec, G.dim, self.trace_probes, self.seed, G.dtype, G.device).trace
-            scalars["residual_trace"] = hutchinson(R.matvec, R.dim, self.trace_probes, self.seed, R.dtype, R.device).trace
-        out["ggn_top"], out["ggn_residuals"] = ggn.eigenvalues, ggn.residuals
+            ggn_trace = hutchinson(G.matvec, G.dim, self.trace_probes, self.seed, G.dtype, G.device)
+            residual_trace = hutchinson(R.matvec, R.dim, self.trace_probes, self.seed, R.dtype, R.device)
+            scalars["ggn_trace"], scalars["ggn_trace_stderr"] = ggn_trace.trace, ggn_trace.stderr
+            scalars["residual_trace"], scalars["residual_trace_stderr"] = residual_trace.trace, residual_trace.stderr
+        out["ggn_top"], out["ggn_residuals"], out["ggn_converged"] = ggn.eigenvalues, ggn.residuals, ggn.converged
         out["residual_extremes"] = torch.stack([res_top.eigenvalues[0], res_bottom.eigenvalues[0]])
+        out["residual_extremes_residuals"] = torch.stack([res_top.residuals[0], res_bottom.residuals[0]])
+        out["residual_extremes_converged"] = torch.stack([res_top.converged[0], res_bottom.converged[0]])
+        out["unconverged"] += _unconverged("GGN top", ggn) + _unconverged("R top", res_top) + _unconverged("R bottom", res_bottom)
+
+    def _warn_unconverged(self, tag: str, results: list[dict[str, Any]]) -> None:
+        """One warning (rank 0) naming every run whose eigenpairs missed ``tol``, and what to raise."""
+        notes = []
+        for k, result in enumerate(results):
+            member = f"member {k} " if len(results) > 1 else ""
+            notes += [f"{member}{name}: {n} ({detail})" for name, n, detail in result["unconverged"]]
+        if not notes:
+            return
+        cls = type(self).__name__
+        rank_zero_warn(
+            f"{cls} ({tag}): eigenvalues not converged to tol = {self.tol:g}: {'; '.join(notes)}. They may be off by up "
+            f"to their residual and are flagged (converged = 0) in {tag}.npz. Raise {cls}.lanczos_steps (the product "
+            f"budget, spent above) or {cls}.lanczos_basis (vectors kept between restarts), or loosen tol."
+        )
 
     # --- files -----------------------------------------------------------------------------------
     def _save(self, trainer: pl.Trainer, tag: str, results: list[dict[str, Any]]) -> None:
@@ -307,21 +356,36 @@ class HessianSpectrum(AnalysisCallback):
             "epoch": np.array(trainer.current_epoch),
             "step": np.array(trainer.global_step),
             "N": np.array(results[0]["N"]),
+            "tol": np.array(self.tol),
             "eigenvalues": _stack([r["top"] for r in results]),
             "ritz_residuals": _stack([r["residuals"] for r in results]),
+            "converged": _stack([r["converged"] for r in results]),
             "bottom_eigenvalues": _stack([r["bottom"] for r in results]),
             "bottom_ritz_residuals": _stack([r["bottom_residuals"] for r in results]),
+            "bottom_converged": _stack([r["bottom_converged"] for r in results]),
             "outliers": np.array([r["scalars"]["outliers"] for r in results]),
         }
         if self.trace_probes:
             arrays["trace"] = np.array([r["scalars"]["trace"] for r in results])
+            arrays["trace_stderr"] = np.array([r["scalars"]["trace_stderr"] for r in results])
+            arrays["trace_probes"] = np.array(self.trace_probes)
         if self.density:
+            arrays["density_probes"] = np.array(self.density_probes)
             arrays["density_nodes"] = _stack([r["nodes"] for r in results])
             arrays["density_weights"] = _stack([r["weights"] for r in results])
+            arrays["density_moment_orders"] = np.array(MOMENT_ORDERS)
+            arrays["density_moments"] = _stack([r["moments"] for r in results])
+            arrays["density_moment_stderr"] = _stack([r["moment_stderr"] for r in results])
+            arrays["density_grid"] = _stack([r["density_grid"] for r in results])
+            arrays["density"] = _stack([r["density"] for r in results])
+            arrays["density_stderr"] = _stack([r["density_stderr"] for r in results])
         if self.ggn_split:
             arrays["ggn_eigenvalues"] = _stack([r["ggn_top"] for r in results])
             arrays["ggn_ritz_residuals"] = _stack([r["ggn_residuals"] for r in results])
+            arrays["ggn_converged"] = _stack([r["ggn_converged"] for r in results])
             arrays["residual_extremes"] = _stack([r["residual_extremes"] for r in results])
+            arrays["residual_extremes_ritz_residuals"] = _stack([r["residual_extremes_residuals"] for r in results])
+            arrays["residual_extremes_converged"] = _stack([r["residual_extremes_converged"] for r in results])
         if self.exact:
             arrays["exact_eigenvalues"] = _stack([r["exact"] for r in results])
         self.save_npz(trainer, f"{tag}.npz", **arrays)
@@ -429,6 +493,19 @@ class HessianSpectrum(AnalysisCallback):
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+#: SLQ moments tr(H^j) / N saved with their standard errors.
+MOMENT_ORDERS = [1, 2, 3, 4]
+
+
+def _unconverged(name: str, result: EigenResult) -> list[tuple[str, int, str]]:
+    """``[(name, how many, detail)]`` when some of ``result``'s eigenpairs did not converge, else []."""
+    missing = int((~result.converged).sum())
+    if not missing:
+        return []
+    worst = float(result.relative_residuals.max())
+    return [(name, missing, f"of {result.eigenvalues.numel()}, relative residual up to {worst:.1e} after {result.num_matvecs} products")]
+
+
 def _minibatch_gradient(view, member: int) -> Optional[Tensor]:
     """The training step's gradient of one member from ``.grad`` (None before any backward)."""
     grads = []
@@ -464,8 +541,10 @@ def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float 
     """Log-scale histogram of each entry's spectrum, outliers marked, spectra overlaid.
 
     An entry (a history row) gives ``exact`` eigenvalues (a true histogram), else SLQ
-    ``nodes``/``weights`` (counts ``N * weight`` per bin, summing to N), else only its top
-    eigenvalues. Outliers (``count_outliers``) are marked with dashed lines.
+    ``nodes``/``weights`` (counts ``N * weight`` per bin, summing to N, with a band of +-2
+    probe-to-probe standard errors when there are several probes), else only its top
+    eigenvalues. Outliers (``count_outliers``) are marked with dashed lines. The caption states
+    the number of SLQ probes and how many top eigenvalues converged.
     """
     import matplotlib
 
@@ -478,28 +557,42 @@ def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float 
     lo, hi = min(values), max(values)
     pad = 0.02 * max(hi - lo, 1e-12)
     bins = torch.linspace(lo - pad, hi + pad, 101, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = ["tab:blue", "tab:red"] if len(entries) == 2 else ["tab:red"]
+    caption = []
     for e, color in zip(entries, colors):
         label = f"{e['tag']} (epoch {e['epoch']})"
         if e["exact"] is not None:
             counts = torch.histogram(torch.tensor(e["exact"], dtype=torch.float64), bins).hist
+            source = "exact eigvalsh"
         elif e["nodes"] is not None:
             nodes, weights = (torch.tensor(e[key], dtype=torch.float64) for key in ("nodes", "weights"))
-            counts = histogram(nodes, weights, e["N"], bins)[1]
+            per_probe = torch.stack([histogram(nodes[i : i + 1], weights[i : i + 1], e["N"], bins)[1] for i in range(nodes.shape[0])])
+            counts = per_probe.mean(0)
+            n_probes, steps = nodes.shape
+            source = f"SLQ, {n_probes} probe{'s' if n_probes > 1 else ''} x {steps} Lanczos steps"
+            if n_probes > 1:
+                band = 2 * per_probe.std(0) / n_probes**0.5
+                ax.stairs((counts + band).numpy(), bins.numpy(), baseline=(counts - band).clamp_min(0).numpy(), color=color, alpha=0.15, fill=True)
+                source += ", band +-2 SE"
         else:
             counts = torch.histogram(torch.tensor(e["eigenvalues"], dtype=torch.float64), bins).hist
             label += ", top-k only"
+            source = "top-k only"
         ax.stairs(counts.numpy(), bins.numpy(), color=color, label=label, fill=True, alpha=0.35)
         n_out = count_outliers(e["eigenvalues"], outlier_ratio)
         for i, lam in enumerate(e["eigenvalues"][:n_out]):
             ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outlier{'s' if n_out > 1 else ''}" if i == 0 else None)
+        converged = e.get("converged")
+        status = f"top-{len(e['eigenvalues'])} converged" if converged is None or all(converged) else f"{sum(not c for c in converged)} of the top-{len(e['eigenvalues'])} NOT converged"
+        caption.append(f"{e['tag']}: {source}; {status}")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue of the Hessian")
     ax.set_ylabel("number of eigenvalues")
     ax.set_title(f"Hessian spectrum (N = {entries[-1]['N']:,})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 * len(caption) + 0.01, 1, 1))
+    fig.text(0.01, 0.01, "\n".join(caption), fontsize=7, va="bottom")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -96,10 +96,33 @@ def test_spectrum_matches_the_dense_hessian_and_leaves_training_untouched(tmp_pa
     arrays = np.load(f"{trainer.log_dir}/hessian/end.npz")
     assert arrays["eigenvalues"].shape == (1, 4) and arrays["exact_eigenvalues"].shape == (1, task.N)
     assert np.all(np.diff(arrays["eigenvalues"][0]) <= 0)
-    assert arrays["density_nodes"].shape == (1, 1, 20)
+    assert arrays["density_nodes"].shape == (1, 10, 20) and int(arrays["density_probes"]) == 10
     np.testing.assert_allclose(arrays["density_weights"].sum(-1), 1.0, rtol=1e-5)
+    # Every value has its uncertainty beside it: residuals and converged flags, SEs, the band.
+    for key in ("converged", "bottom_converged", "ggn_converged", "residual_extremes_converged"):
+        assert np.all(arrays[key] == 1), key
+    assert arrays["ritz_residuals"].shape == (1, 4) and arrays["residual_extremes_ritz_residuals"].shape == (1, 2)
+    assert np.all(arrays["ritz_residuals"] <= float(arrays["tol"]) * abs(exact[0].item()) * 1.01)
+    assert arrays["trace_stderr"][0] > 0 and arrays["density_moments"].shape == arrays["density_moment_stderr"].shape == (1, 4)
+    assert np.all(arrays["density_moment_stderr"] > 0)
+    N = task.N
+    exact_moments = [float((exact**j).mean()) for j in (1, 2, 3, 4)]
+    within = np.abs(arrays["density_moments"][0] - exact_moments) < 4 * arrays["density_moment_stderr"][0]
+    assert within.all(), (arrays["density_moments"][0], exact_moments, arrays["density_moment_stderr"][0])
+    assert arrays["density"].shape == arrays["density_stderr"].shape == arrays["density_grid"].shape
+    assert end["unconverged"] == 0 and N == arrays["N"]
     for name in ("start.npz", "start.png", "end.png"):
         assert (tmp_path / "with").joinpath(*trainer.log_dir.split("/")[-2:], "hessian", name).exists(), name
+
+
+def test_unconverged_eigenvalues_are_flagged_and_warned_about(tmp_path):
+    callback = HessianSpectrum(top_k=4, bottom_k=3, lanczos_steps=4, density=False, trace_probes=0, at_fit_start=False)
+    with pytest.warns(UserWarning, match=r"HessianSpectrum \(end\): eigenvalues not converged to tol = 1e-06: top: \d.*bottom: 3 .*lanczos_steps"):
+        trainer, _, _ = _fit(tmp_path, [callback])
+    arrays = np.load(f"{trainer.log_dir}/hessian/end.npz")
+    assert not np.all(arrays["converged"] == 1) and np.all(arrays["bottom_converged"] == 0)
+    assert callback.history[-1]["unconverged"] >= 3
+    assert float(trainer.callback_metrics["hessian/unconverged"]) == callback.history[-1]["unconverged"]
 
 
 def test_ensemble_members_are_analysed_separately(tmp_path):
