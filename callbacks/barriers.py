@@ -104,9 +104,8 @@ class InterpolationBarrier(AnalysisCallback):
         self._checkpoint: Optional[dict[str, torch.Tensor]] = None
 
     # --- hooks --------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before fitting: check the reference against the task (K, architecture)."""
-        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         K = pl_module.ensemble_size

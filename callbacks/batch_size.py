@@ -14,27 +14,29 @@ loader reads when it plans an epoch, so
   from the restored epoch and step: a run killed after the switch resumes with the small batch.
 
 What is stateful is the learning-rate rule and the optimizer reset, which must happen once:
-they fire at the first batch trained with a new size (``on_train_batch_start``) and the size
-trained with last (``current``) and the list of switches are kept in the checkpoint, so a
-resumed run neither repeats them nor skips them. The learning rate itself is in the optimizer
-state, which Lightning restores.
+they fire at the first step trained with a new size (``on_train_step``, before its update) and
+the size trained with last (``current``) and the list of switches are kept in the checkpoint,
+so a resumed run neither repeats them nor skips them. The learning rate itself is in the
+optimizer state, which Lightning restores.
 
 Chunked full-batch GD: with ``chunk_size`` a global batch larger than ``chunk_size`` points is
-yielded as chunks whose gradients accumulate into one optimizer step (the callback sets the
-Trainer's ``accumulate_grad_batches`` to the number of chunks each epoch), so
-``batch_size: full`` gives the exact full-batch gradient however large P is.
+trained as chunks whose gradients accumulate into one optimizer step (``TrainStep.chunks``),
+so ``batch_size: full`` gives the exact full-batch gradient however large P is.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from overparam.data import FULL_BATCH, BatchSize, resolve_batch_size
 from overparam.errors import ConfigError, check_choice
+
+if TYPE_CHECKING:
+    from overparam.task import StepRecord
 
 LR_RULES = ("none", "linear", "sqrt")
 Schedule = dict[int, Union[int, str]]
@@ -74,13 +76,12 @@ class BatchSizeSwitch(pl.Callback):
         reset_optimizer: clear the optimizer state (momentum buffers) at a switch.
         chunk_size: optional global chunk size: larger global batches are computed in chunks
             of at most this many points that accumulate into one optimizer step (exact
-            full-batch gradient in bounded memory). Not with ``step_schedule``.
+            full-batch gradient in bounded memory).
         log: log ``batch_size`` (the global size trained with) at the end of each epoch.
 
     Raises:
-        ConfigError: a bad key or size, both schedules given, an unknown ``lr_rule``, or
-            ``chunk_size`` with ``step_schedule`` (the accumulation count must be constant
-            over an epoch).
+        ConfigError: a bad key or size, both schedules given, an unknown ``lr_rule`` or a bad
+            ``chunk_size``.
 
     Example::
 
@@ -111,8 +112,6 @@ class BatchSizeSwitch(pl.Callback):
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
                 raise ConfigError(f"BatchSizeSwitch.chunk_size must be a positive integer or null, got {chunk_size!r}")
-            if self.step_schedule:
-                raise ConfigError("BatchSizeSwitch.chunk_size cannot be combined with step_schedule; use schedule (epochs)")
         self.lr_rule = lr_rule
         self.reset_optimizer = reset_optimizer
         self.chunk_size = chunk_size
@@ -149,15 +148,9 @@ class BatchSizeSwitch(pl.Callback):
             rank_zero_info("BatchSizeSwitch: setting reload_dataloaders_every_n_epochs = 1 so each epoch is re-planned")
             trainer.reload_dataloaders_every_n_epochs = 1
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Chunked GD: accumulate as many chunks as one global batch of this epoch takes."""
-        if self.chunk_size is not None:
-            size = self.size_at(trainer.current_epoch, trainer.global_step)
-            trainer.accumulate_grad_batches = max(1, math.ceil(size / self.chunk_size))
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """At the first batch of a new size: learning-rate rule and optimizer reset, once."""
-        size = self.size_at(trainer.current_epoch, trainer.global_step)
+    def on_train_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: "StepRecord") -> None:
+        """At the first step of a new size, before its update: learning-rate rule and optimizer reset, once."""
+        size = self.size_at(record.epoch, record.index)
         if self.current is None:
             self.current = size  # the configured learning rate belongs to the first size
         elif size != self.current:

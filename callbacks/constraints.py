@@ -1,152 +1,90 @@
-"""ConstraintCounter: the hinge constraints a network leaves unsatisfied (jamming).
+"""ConstraintCounter: the hinge constraints a network leaves unsatisfied, and the jamming verdict.
 
-With the margin ``m_mu`` of training point mu (``y f(x)`` for one output, ``f_y - max_{j != y}
-f_j`` for C >= 2; ``overparam.losses.margins``) every point sets one constraint, satisfied when
-``m_mu >= 1``. Its gap is
+The maths (gaps Delta, N_Delta, the gap tolerance and the SAT/jammed verdict) lives in
+``overparam.constraints``; this callback counts over the WHOLE training set during training,
+logs, saves histograms, decides and stops. Under DDP every rank counts its shard and the sums
+are all-reduced, so every rank holds the global count; with K > 1 everything is per member.
 
-    Delta_mu = 1 - m_mu,        N_Delta = #{mu : Delta_mu > 0}.
+Where the counts come from: a check at optimizer step t counts theta_t, the network after t
+updates. When the training batch is the whole training set (``batch_size: full``, no
+augmentation, no BatchNorm or dropout) the step's own forward pass already holds theta_t's
+outputs on every point, and the count reads them: the same numbers at no cost. Otherwise
+(minibatches, epoch-end and fit-end checks) it makes its own pass over the training set in
+eval mode.
 
-With the (squared) hinge loss ``L = 1/P sum_mu 1/2 max(0, Delta_mu)^2`` only the N_Delta
-unsatisfied constraints carry gradient. Below the jamming point N* a network cannot satisfy
-all P constraints and gradient descent ends on a positive-loss minimum with N_Delta > 0
-(UNSAT, jammed); above it it reaches L = 0 exactly, N_Delta = 0 (SAT). At the transition
-N_Delta / N jumps to a finite value (Spigler, Geiger, d'Ascoli, Sagun, Biroli, Wyart 2019,
-"A jamming transition from under- to over-parametrization affects generalization in deep
-learning", J. Phys. A 52 474001, Fig. 2; Geiger et al. 2019, Phys. Rev. E 100 012115).
-
-The count runs over the WHOLE training set (every DDP rank takes its shard of
-``analysis_batches`` and the sums are all-reduced, so every rank holds the global count) and is
-done per ensemble member when K > 1. Each check logs
-
-* ``constraints/N_delta``, ``N_delta_over_N``, ``N_delta_over_P``, ``errors`` (the number of
-  training points with ``m_mu <= 0``), ``error`` (that over P), ``loss`` (the task's loss on
-  the full training set) and ``sat`` (1 when N_Delta = 0); per member as ``.../member_k`` with
-  the mean over members under the bare name when K > 1, plus ``sat_fraction``;
-* ``<log_dir>/constraints/<tag>.npz``: log-binned histograms of |Delta| over the unsatisfied
-  (Delta > 0) and the satisfied (Delta <= 0) constraints, per member, and the raw Delta
-  values (rank 0 gathers them) when ``save_deltas``.
-
-Optional stopping through ``trainer.should_stop``: ``stop_when_sat`` once every member has
-N_Delta = 0; ``stop_when_jammed`` once every member is SAT or jammed, jammed meaning N_Delta > 0
-and a loss that has not dropped by a factor ``1 - min_rel_decrease`` in ``patience`` checks.
+Each logged check gives ``constraints/N_delta``, ``N_delta_over_N``, ``N_delta_over_P``,
+``errors`` (training points with ``m_mu <= 0``), ``error``, ``loss`` (the task's loss on the
+full training set), ``sat`` and ``jammed`` (1/0: the verdict); per member as ``.../member_k``
+with the mean over members under the bare name when K > 1 (plus ``sat_fraction``,
+``jammed_fraction``). Step checks are counted at every scheduled step (the verdict sees them
+all) but logged every ``trainer.log_every_n_steps`` steps and whenever a member's status
+changes. Files in ``<log_dir>/constraints/``: ``<tag>.npz`` with log-binned histograms of |Delta|
+over the unsatisfied and the satisfied constraints per member (and the raw Delta values with
+``save_deltas``), and ``verdict.json`` at fit end: per member the status (``sat``, ``jammed``
+or ``running``, i.e. undecided), the final step, N_Delta and loss, and why the run stopped.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import json
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from overparam.callbacks.base import FIT_END, AnalysisCallback, analysis_context
+from overparam.constraints import JAMMED, SAT, JammingVerdict, constraint_sums, delta_histograms, gap_tolerance, gaps
 from overparam.distributed import all_reduce_sum, is_distributed
 from overparam.errors import ConfigError, check_fraction, check_positive
-from overparam.losses import errors, margins
+from overparam.losses import margins
 
-SAT, JAMMED, RUNNING = "sat", "jammed", "running"
-
-
-def constraint_sums(outputs: Tensor, y: Tensor, loss_fn: Any, edges: Tensor) -> tuple[Tensor, Tensor]:
-    """Sums over one chunk of points for every member (the pure part of the counter).
-
-    Args:
-        outputs: ``(K, B, C)`` member outputs.
-        y: ``(B,)`` labels (+-1 floats for C = 1, class indices otherwise).
-        loss_fn: ``loss_fn(outputs, y, reduction="none") -> (K, B)``.
-        edges: ``(E + 1,)`` increasing bin edges of |Delta| (values outside fall in the end bins).
-
-    Returns:
-        ``sums``: ``(K, 4)`` float64 rows ``[N_Delta, errors, loss sum, points]``;
-        ``hist``: ``(K, 2, E)`` float64 counts of |Delta| for Delta > 0 (row 0) and Delta <= 0 (row 1).
-    """
-    delta = 1.0 - margins(outputs, y)  # (K, B)
-    unsat = delta > 0
-    sums = torch.stack(
-        [
-            unsat.sum(-1).to(torch.float64),
-            errors(outputs, y).sum(-1).to(torch.float64),
-            loss_fn(outputs, y, reduction="none").sum(-1).to(torch.float64),
-            torch.full((delta.shape[0],), float(delta.shape[1]), dtype=torch.float64, device=delta.device),
-        ],
-        dim=-1,
-    )
-    return sums, delta_histograms(delta, edges)
-
-
-def delta_histograms(delta: Tensor, edges: Tensor) -> Tensor:
-    """``(K, 2, E)`` counts of |Delta| per member, unsatisfied (Delta > 0) then satisfied.
-
-    Bins are ``[edges[i], edges[i+1])`` (NumPy's convention); ``torch.bucketize`` with the inner
-    edges puts values below ``edges[0]`` into bin 0 and above ``edges[-1]`` into the last bin,
-    so every constraint is counted exactly once.
-    """
-    num_bins = edges.numel() - 1
-    bins = torch.bucketize(delta.abs().to(torch.float64), edges[1:-1].to(delta.device), right=True)  # (K, B)
-    hist = torch.zeros(delta.shape[0], 2, num_bins, dtype=torch.float64, device=delta.device)
-    for row, mask in enumerate((delta > 0, delta <= 0)):
-        hist[:, row].scatter_add_(1, bins, mask.to(torch.float64))
-    return hist
-
-
-def gather_to_all(values: Tensor) -> Tensor:
-    """Concatenate every rank's ``(K, B_r)`` values along dim 1 (rank order); identity on one process.
-
-    Shards may differ in length by one, so they are padded to the longest before
-    ``all_gather`` and cut back afterwards.
-    """
-    if not is_distributed():
-        return values
-    world = torch.distributed.get_world_size()
-    length = torch.tensor([values.shape[1]], device=values.device)
-    lengths = [torch.zeros_like(length) for _ in range(world)]
-    torch.distributed.all_gather(lengths, length)
-    longest = int(max(l.item() for l in lengths))
-    padded = torch.zeros(values.shape[0], longest, dtype=values.dtype, device=values.device)
-    padded[:, : values.shape[1]] = values
-    chunks = [torch.zeros_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(chunks, padded)
-    return torch.cat([c[:, : int(l.item())] for c, l in zip(chunks, lengths)], dim=1)
+if TYPE_CHECKING:
+    from overparam.task import StepRecord
 
 
 class ConstraintCounter(AnalysisCallback):
     """Count unsatisfied hinge constraints on the full training set; stop at SAT or when jammed.
 
     Args:
-        every_n_epochs: count at the end of every n-th epoch. Default: 1 (the jamming papers
-            follow N_Delta during training).
-        every_n_steps: also count after every n-th optimizer step (None: never).
+        every_n_epochs: count at the end of every n-th epoch. Default: 1.
+        every_n_steps: count theta_t at every n-th optimizer step (None: never). Jamming runs
+            use 1 with ``batch_size: full``, where a count costs nothing.
         at_fit_start, at_fit_end, at_epochs, name: see ``AnalysisCallback`` (name: ``constraints``).
         stop_when_sat: set ``trainer.should_stop`` once every member has N_Delta = 0.
         stop_when_jammed: set ``trainer.should_stop`` once every member is SAT or jammed.
-        patience: checks without a relative loss decrease of ``min_rel_decrease`` after which a
-            member with N_Delta > 0 counts as jammed. Default: 20.
-        min_rel_decrease: a check improves on the best loss when ``loss < best * (1 - this)``.
-            Default: 1e-3.
+        min_rel_decrease: a run improves while its lowest loss falls below ``(1 - this)`` times
+            its value at half the steps (``overparam.constraints.JammingVerdict``). Default 1e-3.
+        min_plateau_steps: no jammed verdict before this many steps. Default 1000.
+        gap_tol: Delta above this counts as unsatisfied (None: ``1024 eps`` of the network's
+            dtype, ``overparam.constraints.gap_tolerance``).
         bins: log-spaced |Delta| bins of the saved histograms. Default: 60.
         delta_range: ``(smallest, largest)`` |Delta| edges of the histogram (values outside fall
             into the end bins). Default: (1e-8, 1e2); near jamming the small gaps follow power
             laws over many decades (Franz & Parisi 2016), hence log bins.
         save_deltas: also save the raw Delta values (K x P) in each ``.npz``. Default: False.
-        save_every: write the ``.npz`` at every ``save_every``-th check and at the last one
-            (the fit end). Default: 1.
+        save_every: write the ``.npz`` at every ``save_every``-th logged check and at fit end.
+            Default: 1.
 
     Raises:
-        ConfigError: for a non-positive ``every_n_steps``, ``patience``, ``bins`` or ``save_every``,
-            a ``min_rel_decrease`` outside [0, 1], or a bad ``delta_range``.
+        ConfigError: for a non-positive ``every_n_steps``, ``min_plateau_steps``, ``bins`` or
+            ``save_every``, a ``min_rel_decrease`` outside [0, 1], a negative ``gap_tol`` or a
+            bad ``delta_range``.
 
     Example::
 
-        Trainer(callbacks=[ConstraintCounter(stop_when_sat=True, stop_when_jammed=True)])
+        Trainer(callbacks=[ConstraintCounter(every_n_steps=1, stop_when_sat=True, stop_when_jammed=True)])
 
     In a config (``trainer.precision: 64-true`` keeps a vanishing loss exact)::
 
         trainer:
           callbacks:
             - class_path: ConstraintCounter
-              init_args: {stop_when_sat: true, stop_when_jammed: true, patience: 50}
+              init_args: {every_n_steps: 1, stop_when_sat: true, stop_when_jammed: true}
     """
 
     default_name = "constraints"
@@ -160,88 +98,177 @@ class ConstraintCounter(AnalysisCallback):
         at_epochs: Sequence[int] = (),
         stop_when_sat: bool = False,
         stop_when_jammed: bool = False,
-        patience: int = 20,
         min_rel_decrease: float = 1e-3,
+        min_plateau_steps: int = 1000,
+        gap_tol: Optional[float] = None,
         bins: int = 60,
         delta_range: Sequence[float] = (1e-8, 1e2),
         save_deltas: bool = False,
         save_every: int = 1,
         name: Optional[str] = None,
     ) -> None:
-        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name)
-        if every_n_steps is not None:
-            check_positive("ConstraintCounter.every_n_steps", every_n_steps)
-        check_positive("ConstraintCounter.patience", patience)
+        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name, every_n_steps)
+        check_positive("ConstraintCounter.min_plateau_steps", min_plateau_steps)
         check_positive("ConstraintCounter.bins", bins)
         check_positive("ConstraintCounter.save_every", save_every)
         check_fraction("ConstraintCounter.min_rel_decrease", min_rel_decrease)
+        if gap_tol is not None:
+            check_positive("ConstraintCounter.gap_tol", gap_tol, allow_zero=True)
         if len(delta_range) != 2 or not 0 < delta_range[0] < delta_range[1]:
             raise ConfigError(
                 f"ConstraintCounter.delta_range must be two numbers 0 < smallest < largest, got {list(delta_range)}"
             )
-        self.every_n_steps = every_n_steps
         self.stop_when_sat = stop_when_sat
         self.stop_when_jammed = stop_when_jammed
-        self.patience = patience
         self.min_rel_decrease = min_rel_decrease
+        self.min_plateau_steps = min_plateau_steps
+        self.gap_tol = gap_tol
         self.edges = torch.logspace(float(np.log10(delta_range[0])), float(np.log10(delta_range[1])), bins + 1, dtype=torch.float64)
         self.save_deltas = save_deltas
         self.save_every = save_every
-        # Plateau tracking per member; plain lists so they go into state_dict.
-        self.best_loss: list[float] = []
-        self.since_best: list[int] = []
-        self.status: list[str] = []
-        self.checks = 0
+        self.verdict: Optional[JammingVerdict] = None
+        self._verdict_state: Optional[dict[str, Any]] = None  # restored before K is known
+        self.logged = 0
+        self.stopped_by_me = False
+        self._tol: Optional[float] = None
+
+    @property
+    def status(self) -> list[str]:
+        return list(self.verdict.status) if self.verdict is not None else []
 
     # --- hooks -----------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Needs an overparam DataModule (the full training set) and a task with ``member_outputs``."""
-        super().setup(trainer, pl_module, stage)
         if stage == "fit" and not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError("ConstraintCounter needs an overparam DataModule (data: ...) to count on the full training set")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After every ``every_n_steps``-th optimizer step: count (``global_step`` is already 1 after the first step)."""
-        if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
-            # Step checks are not added to ``done``: global_step only grows, also after a resume.
-            with analysis_context(pl_module):
-                self.analyse(trainer, pl_module, f"step={trainer.global_step}")
-
-    # --- the count ------------------------------------------------------------------------
-    def count(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """All-reduced per-member sums over the full training set (and this rank's raw Delta)."""
-        datamodule = trainer.datamodule
-        num_points = datamodule.split("train")[0].shape[0]
-        K = pl_module.ensemble_size
-        device = pl_module.device
-        sums = torch.zeros(K, 4, dtype=torch.float64, device=device)
-        hist = torch.zeros(K, 2, self.edges.numel() - 1, dtype=torch.float64, device=device)
-        deltas = []
-        with torch.no_grad():
-            for x, y in datamodule.analysis_batches("train", size=num_points):
-                out = pl_module.member_outputs(x)  # (K, B, C)
-                s, h = constraint_sums(out, y, pl_module.loss_fn, self.edges)
-                sums += s
-                hist += h
-                if self.save_deltas:
-                    deltas.append(1.0 - margins(out, y))
-        # One collective for everything: every rank gets the single-process sums.
-        flat = all_reduce_sum(torch.cat([sums.reshape(-1), hist.reshape(-1)]))
-        result = {"sums": flat[: sums.numel()].view_as(sums), "hist": flat[sums.numel() :].view_as(hist)}
-        if self.save_deltas:
-            local = torch.cat(deltas, dim=1) if deltas else torch.zeros(K, 0, dtype=torch.float64, device=device)
-            result["deltas"] = gather_to_all(local)
-        return result
+    def analyse_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, record: Optional["StepRecord"]) -> None:
+        """Count theta_step, from the step's own forward pass when it covered the training set."""
+        if record is not None and record.evaluates_train_set:
+            pairs = zip(record.outputs, (y for _, y in record.data.chunks), record.losses)
+            self._check(trainer, pl_module, f"step={step}", step, pairs)
+            return
+        with analysis_context(pl_module):
+            self._check(trainer, pl_module, f"step={step}", step, None)
 
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
-        """Count, log, save the histograms, update the SAT/jammed status and maybe stop."""
-        result = self.count(trainer, pl_module)
-        sums = result["sums"]
-        N_delta, n_errors, loss_sum, P = sums.unbind(-1)  # each (K,)
-        N = float(pl_module.N)
+        """Count the current network (epoch end, fit start, fit end) with a pass of its own."""
+        self._check(trainer, pl_module, tag, trainer.global_step, None)
+        if tag == FIT_END:
+            self._write_verdict(trainer)
+
+    # --- the count ------------------------------------------------------------------------
+    def _own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        datamodule = trainer.datamodule
+        num_points = datamodule.split("train")[0].shape[0]
+        for x, y in datamodule.analysis_batches("train", size=num_points):
+            out = pl_module.member_outputs(x)  # (K, B, C)
+            yield out, y, pl_module.loss_fn(out, y, reduction="none")
+
+    def count(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+        pairs: Optional[Iterable[tuple[Tensor, Tensor, Tensor]]] = None, histograms: bool = True,
+    ) -> dict[str, Tensor]:
+        """All-reduced per-member sums over the full training set, histograms, raw Delta (opt.).
+
+        ``pairs``: ``(outputs (K, B, C), y (B,), per-sample losses (K, B))`` of this rank's shard
+        of the training set; None for a pass of its own.
+        """
+        K, device = pl_module.ensemble_size, pl_module.device
+        gap_tol = self._gap_tol(pl_module)
+        sums = None
+        hist = torch.zeros(K, 2, self.edges.numel() - 1, dtype=torch.float64, device=device) if histograms else None
+        deltas = []
+        with torch.no_grad():
+            for out, y, losses in pairs if pairs is not None else self._own_pass(trainer, pl_module):
+                chunk = constraint_sums(out, y, losses, gap_tol)
+                sums = chunk if sums is None else sums + chunk
+                if histograms:
+                    delta = gaps(out, y)
+                    hist += delta_histograms(delta, self.edges, gap_tol)
+                    if self.save_deltas:
+                        deltas.append(delta.to(torch.float64))
+        if sums is None:  # this rank holds no point (more ranks than points)
+            sums = torch.zeros(K, 4, dtype=torch.float64, device=device)
+        if not histograms:
+            return {"sums": all_reduce_sum(sums)}
+        # One collective for everything: every rank gets the single-process sums.
+        flat = all_reduce_sum(torch.cat([sums.reshape(-1), hist.reshape(-1)]))
+        result = {"sums": flat[: sums.numel()].view_as(sums)}
+        if histograms:
+            result["hist"] = flat[sums.numel() :].view_as(hist)
+            if self.save_deltas:
+                local = torch.cat(deltas, dim=1) if deltas else torch.zeros(K, 0, dtype=torch.float64, device=device)
+                result["deltas"] = _gather_points(local)
+        return result
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The gap tolerance, once the network is in its training dtype."""
+        self._tol = self.gap_tol if self.gap_tol is not None else gap_tolerance(next(pl_module.parameters()).dtype)
+
+    def _gap_tol(self, pl_module: pl.LightningModule) -> float:
+        if self._tol is None:
+            self.on_fit_start(pl_module.trainer, pl_module)
+        return self._tol
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str, step: int, pairs: Any) -> None:
+        """Count, update the verdict; log, save and stop when due.
+
+        A step check that is neither logged nor saved counts only what the verdict needs
+        (N_Delta and the loss, ``_quick_counts``); the full sums follow if the status changed.
+        """
+        every = max(1, trainer.log_every_n_steps)
+        want_log = not tag.startswith("step=") or step % every == 0
+        # Files need the histograms: decided before counting, so a plain step check skips them.
+        saving = tag == FIT_END or (want_log and self.logged % self.save_every == 0)
+        quick = pairs is not None and not want_log
+        before = self.status
+        result = None
+        if quick:
+            pairs = list(pairs)
+            rows = self._quick_counts(pairs, self._gap_tol(pl_module))
+        else:
+            result = self.count(trainer, pl_module, pairs, histograms=saving)
+            rows = [[n, loss / P] for n, _, loss, P in result["sums"].tolist()]  # one host transfer
+        status = self._verdict(len(rows)).update(step, [r[0] for r in rows], [r[1] for r in rows])
+        stop = self._should_stop()
+        if quick and status == before and not stop:
+            return
+        if result is None:
+            result = self.count(trainer, pl_module, pairs, histograms=False)
+        N_delta, n_errors, loss_sum, P = result["sums"].unbind(-1)  # each (K,)
         loss = loss_sum / P
-        K = N_delta.numel()
-        self._update_status(N_delta.tolist(), loss.tolist())
+        self._log(trainer, pl_module, tag, step, N_delta, n_errors, loss, P)
+        if saving:
+            self._save(trainer, tag, step, result, N_delta, n_errors, loss, P)
+        if stop and not trainer.should_stop:
+            trainer.should_stop = self.stopped_by_me = True
+            rank_zero_info(f"ConstraintCounter: stopping at {tag} (step {step}): members {status}")
+
+    @staticmethod
+    def _quick_counts(pairs: list[tuple[Tensor, Tensor, Tensor]], gap_tol: float) -> list[list[float]]:
+        """Per member ``[N_Delta, mean loss]`` of a step's outputs (all-reduced), one host transfer."""
+        n_delta = sum((margins(out, y) < 1.0 - gap_tol).sum(-1) for out, y, _ in pairs)
+        loss = sum(losses.sum(-1) for _, _, losses in pairs)
+        points = sum(y.shape[0] for _, y, _ in pairs)
+        both = all_reduce_sum(torch.stack((n_delta.to(loss.dtype), loss, torch.full_like(loss, points))).to(torch.float64))
+        return [[n, l / p] for n, l, p in zip(*both.tolist())]
+
+    def _verdict(self, K: int) -> JammingVerdict:
+        if self.verdict is None:
+            self.verdict = JammingVerdict(K, self.min_rel_decrease, self.min_plateau_steps)
+            if self._verdict_state is not None:
+                self.verdict.load_state_dict(self._verdict_state)
+        return self.verdict
+
+    def _should_stop(self) -> bool:
+        status = self.status
+        all_sat = all(s == SAT for s in status)
+        return bool((self.stop_when_sat and all_sat) or (self.stop_when_jammed and self.verdict.done()))
+
+    # --- outputs ---------------------------------------------------------------------------
+    def _log(self, trainer, pl_module, tag, step, N_delta, n_errors, loss, P) -> None:
+        N = float(pl_module.N)
         per_member = {
             "N_delta": N_delta,
             "N_delta_over_N": N_delta / N,
@@ -249,71 +276,64 @@ class ConstraintCounter(AnalysisCallback):
             "errors": n_errors,
             "error": n_errors / P,
             "loss": loss,
-            "sat": (N_delta == 0).to(torch.float64),
+            "sat": torch.tensor([s == SAT for s in self.status], dtype=torch.float64),
+            "jammed": torch.tensor([s == JAMMED for s in self.status], dtype=torch.float64),
         }
+        K = N_delta.numel()
         metrics = {name: float(v.mean()) for name, v in per_member.items()}
         if K > 1:
             metrics["sat_fraction"] = metrics.pop("sat")
-            metrics["jammed_fraction"] = sum(s == JAMMED for s in self.status) / K
+            metrics["jammed_fraction"] = metrics.pop("jammed")
             for name, v in per_member.items():
                 metrics.update({f"{name}/member_{k}": float(v[k]) for k in range(K)})
-        else:
-            metrics["jammed"] = float(self.status[0] == JAMMED)
         self.log_metrics(trainer, pl_module, metrics)
-        self.history.append({"tag": tag, "epoch": trainer.current_epoch, "step": trainer.global_step, "N": N,
-                             "P": float(P[0]), "N_delta": N_delta.tolist(), "errors": n_errors.tolist(),
-                             "loss": loss.tolist(), "status": list(self.status)})
-        self.checks += 1
-        if self.checks % self.save_every == 0 or tag == FIT_END:
-            arrays = {"edges": self.edges, "hist_unsat": result["hist"][:, 0], "hist_sat": result["hist"][:, 1],
-                      "N_delta": N_delta, "errors": n_errors, "loss": loss, "N": N, "P": P[0],
-                      "epoch": trainer.current_epoch, "step": trainer.global_step}
-            if "deltas" in result:
-                arrays["deltas"] = result["deltas"]
-            self.save_npz(trainer, f"{tag.replace('=', '_')}.npz", **arrays)
-            # W&B: |Delta| of member 0's unsatisfied and satisfied constraints (log-spaced bins).
-            self.log_histogram(trainer, "abs_delta_unsat", counts_edges=(result["hist"][0, 0], self.edges))
-            self.log_histogram(trainer, "abs_delta_sat", counts_edges=(result["hist"][0, 1], self.edges))
-        self._maybe_stop(trainer, tag)
+        self.history.append({"tag": tag, "epoch": trainer.current_epoch, "step": step, "N": N, "P": float(P[0]),
+                             "N_delta": N_delta.tolist(), "errors": n_errors.tolist(), "loss": loss.tolist(),
+                             "status": self.status})
+        self.logged += 1
 
-    # --- SAT / jammed ---------------------------------------------------------------------
-    def _update_status(self, N_delta: list[float], loss: list[float]) -> None:
-        if not self.status:
-            self.status = [RUNNING] * len(N_delta)
-            self.best_loss = [float("inf")] * len(N_delta)
-            self.since_best = [0] * len(N_delta)
-        for k, (n, value) in enumerate(zip(N_delta, loss)):
-            if value < self.best_loss[k] * (1.0 - self.min_rel_decrease):
-                self.best_loss[k], self.since_best[k] = value, 0
-            else:
-                self.since_best[k] += 1
-            if n == 0:
-                self.status[k] = SAT
-            elif self.since_best[k] >= self.patience:
-                self.status[k] = JAMMED
-            else:
-                self.status[k] = RUNNING
+    def _save(self, trainer, tag, step, result, N_delta, n_errors, loss, P) -> None:
+        arrays = {"edges": self.edges, "hist_unsat": result["hist"][:, 0], "hist_sat": result["hist"][:, 1],
+                  "N_delta": N_delta, "errors": n_errors, "loss": loss, "P": P[0], "epoch": trainer.current_epoch,
+                  "step": step, "gap_tol": self._gap_tol(trainer.lightning_module)}
+        if "deltas" in result:
+            arrays["deltas"] = result["deltas"]
+        self.save_npz(trainer, f"{tag.replace('=', '_')}.npz", **arrays)
+        # W&B: |Delta| of member 0's unsatisfied and satisfied constraints (log-spaced bins).
+        self.log_histogram(trainer, "abs_delta_unsat", counts_edges=(result["hist"][0, 0], self.edges))
+        self.log_histogram(trainer, "abs_delta_sat", counts_edges=(result["hist"][0, 1], self.edges))
 
-    def _maybe_stop(self, trainer: pl.Trainer, tag: str) -> None:
-        if tag == FIT_END:
-            return
-        all_sat = all(s == SAT for s in self.status)
-        all_done = all(s in (SAT, JAMMED) for s in self.status)
-        stop = (self.stop_when_sat and all_sat) or (self.stop_when_jammed and all_done)
-        # Counts are all-reduced, so ranks agree; reducing the decision keeps DDP safe anyway.
-        stop = trainer.strategy.reduce_boolean_decision(bool(stop), all=False)
-        if stop and not trainer.should_stop:
-            trainer.should_stop = True
-            rank_zero_info(f"ConstraintCounter: stopping at {tag} (step {trainer.global_step}): members {self.status}")
+    @rank_zero_only
+    def _write_verdict(self, trainer: pl.Trainer) -> None:
+        """``verdict.json``: per member the status, the final counts and why the run ended."""
+        if self.stopped_by_me:
+            reason = "stopped by ConstraintCounter: " + ("every member SAT" if all(s == SAT for s in self.status) else "every member SAT or jammed")
+        elif trainer.should_stop:
+            reason = "stopped by another callback"
+        else:
+            reason = "reached max_epochs/max_steps"
+        members = [{"member": k, "status": s, **self.verdict.last[k]} for k, s in enumerate(self.status)]
+        verdict = {
+            "reason": reason, "members": members, "gap_tol": self._gap_tol(trainer.lightning_module),
+            "min_rel_decrease": self.min_rel_decrease, "min_plateau_steps": self.min_plateau_steps,
+        }  # fmt: skip
+        with open(os.path.join(self.output_dir(trainer), "verdict.json"), "w") as fh:
+            json.dump(verdict, fh, indent=1)
 
+    # --- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(best_loss=self.best_loss, since_best=self.since_best, status=self.status, checks=self.checks)
+        state.update(verdict=self.verdict.state_dict() if self.verdict is not None else None, logged=self.logged)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.best_loss = list(state_dict.get("best_loss", []))
-        self.since_best = list(state_dict.get("since_best", []))
-        self.status = list(state_dict.get("status", []))
-        self.checks = int(state_dict.get("checks", 0))
+        self._verdict_state, self.verdict = state_dict.get("verdict"), None
+        self.logged = int(state_dict.get("logged", 0))
+
+
+def _gather_points(values: Tensor) -> Tensor:
+    """Every rank's ``(K, B_r)`` values concatenated along the points (rank order); identity on one process."""
+    if not is_distributed():
+        return values
+    return torch.cat(gather_all_tensors(values.T.contiguous()), dim=0).T

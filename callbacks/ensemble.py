@@ -166,9 +166,8 @@ class EnsembleEvaluation(AnalysisCallback):
             self._warned = True
         return False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A schedule needs an overparam DataModule (its test split); the loop hooks need nothing."""
-        super().setup(trainer, pl_module, stage)
         scheduled = self.every_n_epochs is not None or self.at_epochs or self.at_fit_end
         if stage == "fit" and scheduled and not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError("EnsembleEvaluation with every_n_epochs/at_epochs/at_fit_end needs an overparam DataModule (data: ...)")

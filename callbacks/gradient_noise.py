@@ -21,7 +21,7 @@ over members (of B_simple and alpha).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -31,6 +31,9 @@ from overparam.callbacks.base import AnalysisCallback
 from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError, check_positive
 from overparam.noise import NoiseScale, gradient_noise_samples, per_sample_moments, tail_indices, two_batch_estimates
+
+if TYPE_CHECKING:
+    from overparam.task import StepRecord
 
 
 class GradientNoise(AnalysisCallback):
@@ -82,9 +85,7 @@ class GradientNoise(AnalysisCallback):
         at_epochs: Sequence[int] = (),
         name: Optional[str] = None,
     ) -> None:
-        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name)
-        if every_n_steps is not None:
-            check_positive("GradientNoise.every_n_steps", every_n_steps)
+        super().__init__(at_fit_start, at_fit_end, every_n_epochs, at_epochs, name, every_n_steps)
         check_positive("GradientNoise.small_batch", small_batch)
         check_positive("GradientNoise.per_sample_chunk", per_sample_chunk)
         check_positive("GradientNoise.num_minibatches", num_minibatches)
@@ -92,7 +93,6 @@ class GradientNoise(AnalysisCallback):
             check_positive("GradientNoise.minibatch_size", minibatch_size)
         if K1 is not None and K1 < 2:
             raise ConfigError(f"GradientNoise.K1 must be an integer >= 2 or null, got {K1!r}")
-        self.every_n_steps = every_n_steps
         self.small_batch = small_batch
         self.per_sample_chunk = per_sample_chunk
         self.tail_index = tail_index
@@ -101,11 +101,8 @@ class GradientNoise(AnalysisCallback):
         self.K1 = K1
         self.scales: list[NoiseScale] = []
         self._ddp = False
-        self._step_moments: list = []  # one device: per-sample moments of this step's chunks
+        self._trainer: Optional[pl.Trainer] = None
         self._local_sq: Optional[torch.Tensor] = None  # DDP: (K,) local |grad|^2 from the comm hook
-        self._local_count = 0
-        self._global_count = 0
-        self._armed = False  # DDP: the comm hook records only during measured steps
 
     # --- setup ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,6 +112,7 @@ class GradientNoise(AnalysisCallback):
         if len(self.scales) != K:
             self.scales = [NoiseScale() for _ in range(K)]
         self._ddp = trainer.world_size > 1
+        self._trainer = trainer
         if self._ddp and self.every_n_steps is not None:
             model = trainer.strategy.model
             if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -123,14 +121,12 @@ class GradientNoise(AnalysisCallback):
                 )
             model.register_comm_hook(state=None, hook=self._comm_hook)
 
-    def _measuring(self, trainer: pl.Trainer) -> bool:
-        return self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
-
     # --- DDP: the local gradient before the all-reduce is the small batch --------------------
     def _comm_hook(self, state, bucket):  # no annotations: DDP checks them against GradBucket/Future
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        if not self._armed:
+        # The backward of step t runs while global_step is t: record only on measured steps.
+        if not self.steps.due(self._trainer.global_step):
             return allreduce_hook(None, bucket)
         K = len(self.scales) or 1
         sq = None
@@ -143,35 +139,29 @@ class GradientNoise(AnalysisCallback):
         return allreduce_hook(None, bucket)
 
     # --- per step ---------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Count this step's points; on one device take the per-sample moments of this batch."""
-        if not self._measuring(trainer):
+    def analyse_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, record: Optional["StepRecord"]) -> None:
+        """The step's gradient is complete, theta_t not yet updated: this step's two-batch estimate.
+
+        Under DDP from the comm hook's local squared norms and the averaged ``.grad``; on one
+        device from per-sample gradients of the step's chunks. Nothing at fit end (no batch).
+        """
+        if record is None:
             return
-        x, y = batch[0], batch[1]
-        self._local_count += x.shape[0]
-        self._global_count = int(batch[2]) if len(batch) > 2 else x.shape[0]
         if self._ddp:
-            self._armed = True
-            return
-        view = pl_module.functional_view()
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
-            self._step_moments.append(
+            estimates = self._ddp_estimates(trainer, pl_module, record.data.num_points, record.data.global_size)
+        else:
+            view = pl_module.functional_view()
+            moments = [
                 [
                     per_sample_moments(m.fn, m.params, m.buffers, pl_module.loss_fn, x, y, self.small_batch, self.per_sample_chunk)
                     for m in view.members()
                 ]
-            )
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """The step's gradient is complete: form this step's two-batch estimate."""
-        if self._measuring(trainer) and self._local_count > 0:
-            if self._ddp:
-                estimates = self._ddp_estimates(trainer, pl_module)
-            else:
-                estimates = [self._merge(parts).estimates()[:2] for parts in zip(*self._step_moments)]
-            for scale, (G2, S) in zip(self.scales, estimates):
-                scale.update(G2, S)
-        self._step_moments, self._local_sq, self._local_count, self._armed = [], None, 0, False
+                for x, y in record.data.chunks
+            ]
+            estimates = [self._merge(parts).estimates()[:2] for parts in zip(*moments)]
+        for scale, (G2, S) in zip(self.scales, estimates):
+            scale.update(G2, S)
+        self._local_sq = None
 
     @staticmethod
     def _merge(parts: Sequence[Any]) -> Any:
@@ -183,8 +173,9 @@ class GradientNoise(AnalysisCallback):
             first.count = first.count + p.count
         return first
 
-    def _ddp_estimates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list:
-        K, W, n = len(self.scales), trainer.world_size, self._global_count
+    def _ddp_estimates(self, trainer: pl.Trainer, pl_module: pl.LightningModule, b: int, n: int) -> list:
+        """``b``: this rank's points in the step, ``n``: the global batch size."""
+        K, W = len(self.scales), trainer.world_size
         device = pl_module.device
         # p.grad is the global mean gradient (the Task scales each rank's sum by W / n and DDP
         # averages); the bucket held W / n times this rank's summed gradient.
@@ -193,7 +184,6 @@ class GradientNoise(AnalysisCallback):
             if p.grad is not None:
                 big += _sq_norms(p.grad, K)
         local = self._local_sq if self._local_sq is not None else torch.zeros(K, dtype=torch.float64, device=device)
-        b = self._local_count
         local = local * (n / (W * b)) ** 2  # |mean gradient over this rank's b points|^2
         # The estimators are linear in |G_small|^2 (mean over ranks) and |G_big|^2 (the same on
         # every rank): each rank adds its 1/W share and the running sums are all-reduced once,

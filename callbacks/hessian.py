@@ -210,9 +210,8 @@ class HessianSpectrum(AnalysisCallback):
         self._resolved_mode: Optional[str] = None
 
     # --- setup ---------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check what needs the model and data: ``analysis_batches`` and the exact size limit."""
-        super().setup(trainer, pl_module, stage)
         cls = type(self).__name__
         if not hasattr(trainer.datamodule, "analysis_batches"):
             raise ConfigError(f"{cls} needs an overparam DataModule with analysis_batches(); got {type(trainer.datamodule).__name__}")

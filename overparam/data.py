@@ -1,26 +1,37 @@
 """DataModule base: whole datasets as tensors on the training device, batches by index.
 
 No DataLoader and no worker processes: each split is one ``(x, y)`` pair of tensors moved to
-the device once, and an epoch is a seeded permutation cut into batches (nanoGPT's
-``get_batch`` with a permutation instead of sampling with replacement). Under DDP every rank
-draws the same permutation and takes its own disjoint slice of each global batch, so
-``batch_size`` is always the *global* batch size.
+the device once, and a pass over the training set is a seeded permutation cut into batches
+(nanoGPT's ``get_batch`` with a permutation instead of sampling with replacement). Under DDP
+every rank draws the same permutation and takes its own disjoint slice of each global batch,
+so ``batch_size`` is always the *global* batch size.
+
+Training data reach the Task as *steps* (``TrainStep``: the data of one optimizer step,
+possibly in chunks that accumulate) grouped in *blocks*: one loader item is a list of up to
+``STEPS_PER_BLOCK`` consecutive steps, which the Task trains in one ``training_step`` call.
+Small networks are bound by per-call framework overhead, so a block pays Lightning's
+per-batch machinery once for many optimizer steps; every step still gets its own hooks
+(``Task`` calls the analysis callbacks' ``on_train_step``), so step schedules stay exact.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from overparam.errors import ConfigError
+from overparam.errors import ConfigError, check_positive
 
 Batch = tuple[Tensor, Tensor]
 BatchSize = Union[int, str]
 FULL_BATCH = "full"
+#: Optimizer steps per loader item (one ``training_step`` call). A pure performance knob: 16
+#: steps amortise Lightning's per-batch work (~0.4 ms on a CPU) to a few percent of a small
+#: network's step, and every step keeps its own hooks, so no result depends on it.
+STEPS_PER_BLOCK = 16
 
 
 def resolve_batch_size(batch_size: BatchSize, num_points: int, option: str = "data.batch_size") -> int:
@@ -37,96 +48,166 @@ def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     return indices.tensor_split(world_size)[rank]
 
 
-class ResidentBatches:
-    """One epoch of batches from device-resident tensors.
+class TrainStep(NamedTuple):
+    """The data of one optimizer step on this rank.
 
-    Yields ``(x, y, n)`` with ``n`` the global batch size, so the task can weight each rank's
-    sum exactly (``sum_local / n`` summed over ranks is the global mean even when ranks hold
-    unequal slices). The permutation is drawn from ``seed`` and the epoch number at iteration
-    time; ``batch_size`` and ``epoch`` are callables so that a loader created once follows
-    batch-size switches and epochs.
+    Attributes:
+        chunks: this rank's ``(x, y)`` slices of the global batch: one, or several whose
+            gradients accumulate into the one step (a global batch above the chunk size).
+        global_size: points in the whole global batch (all ranks, all chunks). Each rank's
+            loss is its sum divided by this, so the DDP gradient is the exact global mean
+            even when slices differ by one point.
+        whole_train_set: the global batch is every training point, as stored (no augmentation):
+            the step's forward pass then evaluates the current network on the whole training
+            set, which analyses may read instead of a pass of their own.
+    """
+
+    chunks: tuple[Batch, ...]
+    global_size: int
+    whole_train_set: bool
+
+    @property
+    def num_points(self) -> int:
+        """Points of this step on this rank."""
+        return sum(x.shape[0] for x, _ in self.chunks)
+
+
+def plan_pass(num_points: int, size_of_step: Callable[[int], int], world_size: int = 1) -> list[int]:
+    """Global batch sizes of one pass over ``num_points``, cut greedily in order.
+
+    ``size_of_step(i)`` is the wanted size of the pass's i-th step. A final global batch
+    smaller than the world size would leave a rank empty: it is dropped.
+    """
+    sizes, start = [], 0
+    while start < num_points:
+        wanted = size_of_step(len(sizes))
+        size = min(wanted, num_points - start)
+        if size < wanted and size < world_size:
+            break
+        sizes.append(size)
+        start += size
+    return sizes
+
+
+class EvalBatches:
+    """A split in its natural order, in chunks of ``batch_size``, this rank's slice of each.
+
+    Yields ``(x, y)``. Evaluation sums over points, so the cut does not change the totals.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.x.shape[0] / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # Every point counts once: a last chunk smaller than the world size leaves some ranks
+        # an empty slice rather than being dropped (evaluation sums are reduced per epoch).
+        for chunk in torch.arange(self.x.shape[0], device=self.x.device).split(self.batch_size):
+            local = shard(chunk, self.rank, self.world_size)
+            yield self.x[local], self.y[local]
+
+
+class TrainSteps:
+    """One epoch of training steps from device-resident tensors, in blocks of steps.
+
+    An epoch is ``passes`` passes over the training set; pass r of epoch e draws the
+    permutation seeded by ``seed`` and ``e * passes + r`` (the same on every rank), so the
+    data order of a given pass does not depend on ``passes``. The sizes of the epoch's steps
+    are planned when the epoch starts (``len``/``iter``), from ``size_of_step(i)``, the
+    global size wanted for the epoch's i-th step; a schedule that changes the batch size at
+    a step (``BatchSizeSwitch``) then lands exactly on it, and Lightning knows the epoch's
+    length up front.
 
     Args:
-        x, y: the whole split, already on the device.
-        batch_size: returns the global batch size now.
-        shuffle: a new permutation each epoch (training) or the natural order (evaluation).
-        seed: base seed of the permutations (same on every rank).
+        x, y: the whole training split, already on the device.
+        size_of_step: ``i -> global batch size`` of the epoch's i-th step (read at planning).
+        seed: base seed of the permutations.
         epoch: returns the current epoch.
+        passes: passes over the training set per epoch (with ``full``: GD steps per epoch).
         rank, world_size: this process's slot under DDP.
-        batch_size_at: optional ``i -> global size of the i-th batch of this epoch``, read when
-            the epoch is planned (``len``/``iter``); overrides ``batch_size``. It lets a
-            step-scheduled switch (``BatchSizeSwitch``) land on an exact step mid-epoch.
-        chunk_size: optional global chunk size: a global batch larger than it is yielded as
-            consecutive chunks ``(x, y, n, num_chunks)``, ``n`` still the whole global batch,
-            whose gradients accumulate into one optimizer step (the Trainer's
-            ``accumulate_grad_batches`` must equal ``num_chunks``; ``BatchSizeSwitch`` sets it).
+        chunk_size: optional global chunk size: a larger global batch is trained as chunks of
+            at most this many points whose gradients accumulate into one step.
+        transform: optional ``(x, generator) -> x`` applied to every training batch
+            (augmentation); its generator is seeded from ``seed``, the epoch and the rank.
+        steps_per_block: steps per yielded block (``STEPS_PER_BLOCK``).
     """
 
     def __init__(
         self,
         x: Tensor,
         y: Tensor,
-        batch_size: Callable[[], int],
-        shuffle: bool,
+        size_of_step: Callable[[int], int],
         seed: int = 0,
         epoch: Callable[[], int] = lambda: 0,
+        passes: int = 1,
         rank: int = 0,
         world_size: int = 1,
-        batch_size_at: Optional[Callable[[int], int]] = None,
         chunk_size: Optional[int] = None,
+        transform: Optional[Callable[[Tensor, torch.Generator], Tensor]] = None,
+        steps_per_block: int = STEPS_PER_BLOCK,
     ) -> None:
         self.x, self.y = x, y
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = epoch
+        self.size_of_step = size_of_step
+        self.seed, self.epoch, self.passes = seed, epoch, passes
         self.rank, self.world_size = rank, world_size
-        self.batch_size_at = batch_size_at
         self.chunk_size = chunk_size
+        self.transform = transform
+        self.steps_per_block = steps_per_block
 
-    def _num_points(self) -> int:
+    @property
+    def num_points(self) -> int:
         return self.x.shape[0]
 
-    def global_batch_sizes(self) -> list[int]:
-        """The global batch sizes of this epoch, in order (the permutation is cut greedily)."""
-        n, sizes, start = self._num_points(), [], 0
-        while start < n:
-            wanted = self.batch_size_at(len(sizes)) if self.batch_size_at is not None else self.batch_size()
-            size = min(wanted, n - start)
-            # A final global batch smaller than the world size would leave a rank empty: dropped.
-            if size < wanted and size < self.world_size:
-                break
-            sizes.append(size)
-            start += size
-        return sizes
-
-    def num_chunks(self, size: int) -> int:
-        """How many chunks (loader items, backward passes) one global batch of ``size`` takes."""
-        return 1 if self.chunk_size is None else -(-size // self.chunk_size)
+    def plan(self) -> list[list[int]]:
+        """The global batch sizes of this epoch's steps, one list per pass."""
+        plans, done = [], 0
+        for _ in range(self.passes):
+            sizes = plan_pass(self.num_points, lambda i, done=done: self.size_of_step(done + i), self.world_size)
+            plans.append(sizes)
+            done += len(sizes)
+        return plans
 
     def __len__(self) -> int:
-        return sum(self.num_chunks(size) for size in self.global_batch_sizes())
+        """Blocks in this epoch (Lightning's ``num_training_batches``)."""
+        return math.ceil(sum(len(p) for p in self.plan()) / self.steps_per_block)
 
-    def permutation(self) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(self._num_points(), device=self.x.device)
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
-        return torch.randperm(self._num_points(), generator=generator).to(self.x.device)
+    def permutation(self, pass_index: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + pass_index)
+        return torch.randperm(self.num_points, generator=generator).to(self.x.device)
 
-    def __iter__(self) -> Iterator[tuple]:
-        order = self.permutation()
-        start = 0
-        for size in self.global_batch_sizes():
-            global_batch = order[start : start + size]
-            start += size
-            chunks = self.num_chunks(size)
-            if chunks == 1:
-                local = shard(global_batch, self.rank, self.world_size)
-                yield self.x[local], self.y[local], size
-                continue
-            for piece in global_batch.split(self.chunk_size):
-                local = shard(piece, self.rank, self.world_size)
-                yield self.x[local], self.y[local], size, chunks
+    def steps(self) -> Iterator[TrainStep]:
+        """This epoch's steps in order."""
+        epoch = self.epoch()
+        generator = None
+        if self.transform is not None:
+            generator = torch.Generator(device=self.x.device)
+            generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
+        for r, sizes in enumerate(self.plan()):
+            order, start = self.permutation(epoch * self.passes + r), 0
+            for size in sizes:
+                global_batch = order[start : start + size]
+                start += size
+                pieces = global_batch.split(self.chunk_size) if self.chunk_size else (global_batch,)
+                chunks = []
+                for piece in pieces:
+                    local = shard(piece, self.rank, self.world_size)
+                    x = self.x[local]
+                    chunks.append((self.transform(x, generator) if generator is not None else x, self.y[local]))
+                whole = size == self.num_points and self.transform is None
+                yield TrainStep(tuple(chunks), size, whole)
+
+    def __iter__(self) -> Iterator[list[TrainStep]]:
+        block: list[TrainStep] = []
+        for step in self.steps():
+            block.append(step)
+            if len(block) == self.steps_per_block:
+                yield block
+                block = []
+        if block:
+            yield block
 
 
 class OverparamDataModule(pl.LightningDataModule):
@@ -137,15 +218,19 @@ class OverparamDataModule(pl.LightningDataModule):
 
     Args:
         batch_size: global training batch size, or ``"full"`` for full-batch gradient descent.
-            It may change between epochs (``BatchSizeSwitch``).
+            It may change between epochs or at a step (``BatchSizeSwitch``).
         eval_batch_size: batch size of validation/test/analysis passes (memory only).
         seed: seed of the data (generation, subsampling) and of the batch order.
         analysis_size: points of the training set given to analysis callbacks
             (``analysis_batches``); None for all of them.
+        passes_per_epoch: passes over the training set in one epoch (default 1). With
+            ``batch_size: full`` an epoch is then this many gradient-descent steps: long GD
+            runs (jamming) set 100 or more, so the once-per-epoch work (metrics, checkpoint,
+            validation, epoch-scheduled analyses) is paid once per that many steps.
 
     Attributes set by ``BatchSizeSwitch`` (None otherwise): ``batch_size_at`` (global size of
-    the i-th training batch of the coming epoch) and ``train_chunk_size`` (global batches
-    larger than this are yielded in chunks that accumulate into one step).
+    the i-th training step of the coming epoch) and ``train_chunk_size`` (global batches
+    larger than this are trained in chunks that accumulate into one step).
     """
 
     batch_size_at: Optional[Callable[[int], BatchSize]] = None
@@ -157,6 +242,7 @@ class OverparamDataModule(pl.LightningDataModule):
         eval_batch_size: int = 8192,
         seed: int = 0,
         analysis_size: Optional[int] = None,
+        passes_per_epoch: int = 1,
     ) -> None:
         super().__init__()
         if batch_size != FULL_BATCH:
@@ -165,16 +251,36 @@ class OverparamDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.eval_batch_size must be a positive integer, got {eval_batch_size}")
         if analysis_size is not None and analysis_size < 1:
             raise ConfigError(f"data.analysis_size must be a positive integer or null, got {analysis_size}")
+        check_positive("data.passes_per_epoch", passes_per_epoch)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.analysis_size = analysis_size
+        self.passes_per_epoch = passes_per_epoch
         self.splits: dict[str, Batch] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
     def load_splits(self) -> dict[str, Batch]:
-        """Return ``{"train": (x, y), "test": (x, y)[, "val": (x, y)]}`` as CPU tensors."""
+        """Return ``{"train": (x, y), "test": (x, y)[, "val": (x, y)]}`` as CPU tensors.
+
+        ``x`` is ``(P, *input_shape)`` (floating, or integer tokens); ``y`` is ``(P,)``: class
+        indices (int64) for C >= 2 outputs, +-1 floats for one output with a binary task, or
+        ``(P, C)`` floats for regression.
+        """
         raise NotImplementedError
+
+    def train_transform(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random transformation of a training batch (augmentation); None: no transformation.
+
+        Subclasses that augment override this method; ``generator`` lives on the data's
+        device and is seeded from the data seed, the epoch and the rank.
+        """
+        raise NotImplementedError
+
+    @property
+    def augments(self) -> bool:
+        """Whether ``train_transform`` is used (subclasses that augment return True)."""
+        return False
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -243,25 +349,31 @@ class OverparamDataModule(pl.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _loader(self, name: str, shuffle: bool, batch_size: Callable[[], int], **kwargs) -> ResidentBatches:
-        x, y = self.split(name)
-        rank, world = self._rank_and_world()
-        return ResidentBatches(x, y, batch_size, shuffle, self.seed, self._current_epoch, rank, world, **kwargs)
-
-    def _train_batch_size_at(self, i: int) -> int:
+    def _size_of_step(self, i: int) -> int:
+        if self.batch_size_at is None:
+            return self.current_batch_size()
         return resolve_batch_size(self.batch_size_at(i), self.split("train")[0].shape[0])
 
-    def train_dataloader(self) -> ResidentBatches:
-        planned = self._train_batch_size_at if self.batch_size_at is not None else None
-        return self._loader("train", True, self.current_batch_size, batch_size_at=planned, chunk_size=self.train_chunk_size)
+    def train_dataloader(self) -> TrainSteps:
+        x, y = self.split("train")
+        rank, world = self._rank_and_world()
+        return TrainSteps(
+            x, y, self._size_of_step, self.seed, self._current_epoch, self.passes_per_epoch, rank, world,
+            chunk_size=self.train_chunk_size, transform=self.train_transform if self.augments else None,
+        )  # fmt: skip
 
-    def val_dataloader(self) -> ResidentBatches | list:
+    def _eval_loader(self, name: str) -> EvalBatches:
+        x, y = self.split(name)
+        rank, world = self._rank_and_world()
+        return EvalBatches(x, y, self.eval_batch_size, rank, world)
+
+    def val_dataloader(self) -> EvalBatches | list:
         if "val" not in self.splits:
             return []
-        return self._loader("val", False, lambda: self.eval_batch_size)
+        return self._eval_loader("val")
 
-    def test_dataloader(self) -> ResidentBatches:
-        return self._loader("test", False, lambda: self.eval_batch_size)
+    def test_dataloader(self) -> EvalBatches:
+        return self._eval_loader("test")
 
     # --- fixed data for analysis callbacks ------------------------------------------------
     def analysis_batches(
@@ -288,4 +400,3 @@ class OverparamDataModule(pl.LightningDataModule):
             chosen = shard(chosen, rank, world)
         chunk = batch_size or self.eval_batch_size
         return [(x[idx], y[idx]) for idx in chosen.split(chunk)] if chosen.numel() else []
-

@@ -303,7 +303,7 @@ class ImageData(OverparamDataModule):
         label_noise: fraction of training labels replaced by a wrong label.
         input_noise: std of fixed Gaussian noise added to the training inputs after
             normalisation (and after ``transform_inputs``).
-        batch_size, eval_batch_size, seed, analysis_size: see ``OverparamDataModule``.
+        batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch: see ``OverparamDataModule``.
     """
 
     train_size = 0  # points in the official training split
@@ -326,8 +326,9 @@ class ImageData(OverparamDataModule):
         eval_batch_size: int = 8192,
         seed: int = 0,
         analysis_size: Optional[int] = None,
+        passes_per_epoch: int = 1,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, analysis_size)
+        super().__init__(batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch)
         check_positive("data.val_size", val_size, allow_zero=True)
         if val_size >= self.train_size:
             raise ConfigError(f"data.val_size must be below the {self.train_size} training points, got {val_size}")

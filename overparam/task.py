@@ -21,13 +21,18 @@ Writing a task::
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, Precision
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
+from overparam.data import TrainStep
 from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError, DivergenceError, check_choice, check_positive
 from overparam.functional import FunctionalView, ensemble_fn, module_fn, stack_members
@@ -36,6 +41,28 @@ from overparam.metrics import MemberMean
 from overparam.models import count_parameters
 
 SPLITS = ("train", "val", "test")
+
+
+class StepRecord(NamedTuple):
+    """What a callback's ``on_train_step`` sees of optimizer step ``index`` (before its update).
+
+    Attributes:
+        index: t, the updates done so far (Lightning's ``global_step``): the network is theta_t.
+        epoch: the current epoch.
+        data: the step's ``TrainStep`` (this rank's chunks and the global batch size).
+        outputs: the ``(K, B, C)`` training-mode outputs of theta_t on each chunk (detached).
+        losses: the ``(K, B)`` per-sample losses of each chunk (detached).
+        evaluates_train_set: the outputs are those of theta_t on every training point (this
+            rank's shard) exactly as an evaluation would compute them: the batch is the whole
+            training set, not augmented, and no module behaves differently in training mode.
+    """
+
+    index: int
+    epoch: int
+    data: TrainStep
+    outputs: tuple[Tensor, ...]
+    losses: tuple[Tensor, ...]
+    evaluates_train_set: bool
 
 
 def _mangle(name: str) -> str:
@@ -96,8 +123,12 @@ class Task(pl.LightningModule):
                 for name in ("loss", "error", "ensemble_error")
             }
         )
-        self.register_buffer("_nonfinite_step", torch.tensor(-1), persistent=False)
         self._epoch_sums: dict[str, dict[str, Any]] = {}
+        self._step_hooks: list[Any] = []
+        self._mode_dependent = True
+        self._direct = False
+        # Blocks of several optimizer steps per training_step (overparam.data.TrainSteps).
+        self.automatic_optimization = False
 
     # --- the network ------------------------------------------------------------------------
     @property
@@ -168,67 +199,181 @@ class Task(pl.LightningModule):
         return out.unsqueeze(0) if self.ensemble_size == 1 else out
 
     # --- steps ------------------------------------------------------------------------------
-    def _step(self, batch: Sequence[Any], split: str) -> Tensor:
+    def _step(self, batch: Sequence[Tensor], split: str, global_size: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward one chunk ``(x, y)``, add its losses and errors to the epoch sums.
+
+        Returns ``(loss, outputs, losses)``: the loss to backpropagate (``batch_loss``), the
+        ``(K, B, C)`` outputs and the ``(K, B)`` per-sample losses.
+        """
         x, y = batch[0], batch[1]
         out = self.member_outputs(x)  # (K, B, C)
         per_sample = self.loss_fn(out, y, reduction="none")  # (K, B)
         ensemble_errors = errors(out.mean(0), y) if self.ensemble_size > 1 else None
         self.record(split, per_sample, errors(out, y), ensemble_errors)
-        return self.batch_loss(per_sample, batch)
+        return self.batch_loss(per_sample, global_size), out, per_sample
 
-    def batch_loss(self, per_sample: Tensor, batch: Sequence[Any]) -> Tensor:
+    def batch_loss(self, per_sample: Tensor, global_size: Optional[int] = None) -> Tensor:
         """This rank's share of the global batch mean, summed over members (whose gradients stay apart).
 
         Each rank's sum over its slice is divided by the global batch size; DDP averages over
         ranks, so ``world_size`` restores the exact global mean even for unequal slices.
+        ``global_size`` defaults to this rank's points times the world size (equal slices).
         """
         world_size = self._trainer.world_size if self._trainer is not None else 1
-        return per_sample.sum(-1).sum() * world_size / self.global_batch_size(batch)
-
-    def global_batch_size(self, batch: Sequence[Any]) -> int:
-        """Points in the whole global batch: carried by resident batches, else equal slices assumed."""
-        world_size = self._trainer.world_size if self._trainer is not None else 1
-        return batch[2] if len(batch) > 2 else batch[0].shape[0] * world_size
+        global_size = global_size or per_sample.shape[-1] * world_size
+        return per_sample.sum() * (world_size / global_size)
 
     def record(self, split: str, losses: Tensor, errors_k: Tensor, ensemble_errors: Optional[Tensor] = None) -> None:
         """Add a batch's per-sample ``(K, B)`` losses and errors (and the ensemble's ``(B,)``) to the epoch sums.
 
-        Plain tensor sums on the device, pushed into the torchmetrics states once per epoch.
+        Plain float64 tensor sums on the device (a few operations per step), pushed into the
+        torchmetrics states once per epoch.
         """
-        sums = self._epoch_sums.setdefault(split, {})
-        for name, values in (("loss", losses), ("error", errors_k), ("ensemble_error", ensemble_errors)):
-            if values is not None:
-                total = values.detach().reshape(-1, values.shape[-1]).sum(-1).double()
-                sums[name] = sums[name] + total if name in sums else total
-        sums["count"] = sums.get("count", 0) + losses.shape[-1]
+        sums = self._epoch_sums.setdefault(split, {"count": 0})
+        totals = torch.stack((losses.detach(), errors_k.to(losses.dtype))).sum(-1)  # (2, K): loss, error
+        if "loss_error" in sums:
+            sums["loss_error"].add_(totals)
+        else:
+            sums["loss_error"] = totals.double()
+        if ensemble_errors is not None:
+            total = ensemble_errors.sum(-1, keepdim=True).double()
+            sums["ensemble_error"] = sums["ensemble_error"] + total if "ensemble_error" in sums else total
+        sums["count"] += losses.shape[-1]
 
-    def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
-        if len(batch) > 3:
-            # A chunk of a global batch (ResidentBatches' chunk_size): its loss is already its
-            # share of the global mean; undo Lightning's 1/accumulate_grad_batches.
-            loss = loss * self.trainer.accumulate_grad_batches
-        bad = ~torch.isfinite(loss.detach())
-        first_bad = (self._nonfinite_step < 0) & bad
-        self._nonfinite_step = torch.where(first_bad, self.global_step, self._nonfinite_step)
-        return loss
+    def training_step(self, block: Sequence[TrainStep], block_idx: int) -> None:
+        """Train a block of optimizer steps (``overparam.data.STEPS_PER_BLOCK``), one by one.
 
-    def validation_step(self, batch: Sequence[Any], batch_idx: int) -> None:
+        The block ends early when a callback stops training (``trainer.should_stop``) or
+        ``max_steps`` is reached, so a stop lands on the exact step.
+        """
+        optimizer = self.optimizers()
+        max_steps, first = self.trainer.max_steps, self.global_step
+        losses = []
+        for step in block:
+            if self.trainer.should_stop or 0 <= max_steps <= first + len(losses):
+                break
+            losses.append(self.train_one_step(step, optimizer))
+        if losses:
+            self.check_finite(torch.stack(losses), first)
+
+    def train_one_step(self, step: TrainStep, optimizer: Any) -> Tensor:
+        """One optimizer step: forward and backward of every chunk, the step hooks, the update.
+
+        The step hooks (``on_train_step`` of the callbacks that have one) see the network
+        theta_t before its update, with the step's gradient in ``.grad``; one that sets
+        ``trainer.should_stop`` ends training at theta_t, without this update. Returns the
+        step's loss on this rank (detached), for the divergence check.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        outputs, losses, total = [], [], 0.0
+        for chunk in step.chunks:
+            loss, out, per_sample = self._step(chunk, "train", step.global_size)
+            if self._direct:
+                loss.backward()
+            else:
+                self.manual_backward(loss)
+            outputs.append(out.detach())
+            losses.append(per_sample.detach())
+            total = total + loss.detach()
+        if self._step_hooks:
+            record = StepRecord(self.global_step, self.current_epoch, step, tuple(outputs), tuple(losses), self._evaluates(step))
+            for callback in self._step_hooks:
+                callback.on_train_step(self.trainer, self, record)
+            if self.trainer.should_stop:
+                return total
+        self.update(optimizer)
+        self._step_lr_schedulers("step")
+        return total
+
+    def update(self, optimizer: Any) -> None:
+        """Apply the update of the accumulated gradient (a task may constrain it, e.g. p-spin)."""
+        if not self._direct:
+            optimizer.step()
+            return
+        # What LightningOptimizer.step does on one device with plain precision, minus the
+        # callback dispatch nobody listens to: count the step, the module's hook, the update.
+        optimizer._on_before_step()
+        self.on_before_optimizer_step(optimizer)
+        optimizer.optimizer.step()
+        optimizer._on_after_step()
+
+    def _steps_directly(self) -> bool:
+        """Whether this fit may skip the Trainer's per-step hook dispatch (``_direct``).
+
+        Lightning's ``manual_backward`` and ``LightningOptimizer.step`` call the backward and
+        optimizer-step hooks of every callback and the precision and strategy plugins around
+        ``loss.backward()`` and ``optimizer.step()``. On one device, in plain precision, with
+        no callback and no module override listening to those hooks, that dispatch does
+        nothing but costs ~0.3 ms a step, a quarter of a small network's step; then the Task
+        calls ``loss.backward()`` and the optimizer itself (the step is still counted by the
+        Trainer, and ``on_before_optimizer_step`` of the module still runs).
+        """
+        trainer = self.trainer
+        hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+        if any(is_overridden(h, c, pl.Callback) for c in trainer.callbacks for h in hooks):
+            return False
+        if any(is_overridden(h, self, pl.LightningModule) for h in ("on_before_backward", "on_after_backward", "backward")):
+            return False
+        plain = type(trainer.precision_plugin) in (Precision, DoublePrecision)
+        return plain and isinstance(trainer.strategy, SingleDeviceStrategy) and isinstance(trainer.profiler, PassThroughProfiler)
+
+    def _evaluates(self, step: TrainStep) -> bool:
+        # The training forward is an evaluation of the whole training set when the batch is
+        # all of it and no module behaves differently in training mode.
+        return step.whole_train_set and not self._mode_dependent
+
+    def mode_dependent(self) -> bool:
+        """Whether the network computes differently in training mode (BatchNorm, dropout)."""
+        kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+        return any(isinstance(m, kinds) for m in self.modules())
+
+    def _step_lr_schedulers(self, interval: str) -> None:
+        """Step the learning-rate schedulers of ``interval`` (``step`` or ``epoch``) when due.
+
+        Optimisation is manual (a block of steps per ``training_step``), so the Task steps
+        the schedulers the Trainer would: a ``step`` scheduler after every ``frequency``-th
+        update, an ``epoch`` one after every ``frequency``-th epoch (after validation, so
+        ``ReduceLROnPlateau`` can monitor a validation metric). Lightning drops a scheduler's
+        ``monitor`` under manual optimisation; ``ReduceLROnPlateau`` reads it from the
+        scheduler's own ``monitor`` attribute (``--lr_scheduler ReduceLROnPlateau
+        --lr_scheduler.monitor NAME`` sets it).
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            done = self.global_step if interval == "step" else self.current_epoch + 1
+            if config.interval != interval or done % config.frequency:
+                continue
+            monitor = None
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                key = getattr(config.scheduler, "monitor", None)
+                monitor = self.trainer.callback_metrics.get(key) if key else None
+                if monitor is None:
+                    raise ConfigError(
+                        f"lr_scheduler ReduceLROnPlateau monitors {key!r}, which is not logged; logged: "
+                        f"{', '.join(sorted(self.trainer.callback_metrics)) or 'nothing yet'}"
+                    )
+            self.lr_scheduler_step(config.scheduler, monitor)
+
+    def validation_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: Sequence[Any], batch_idx: int) -> None:
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Checking every step would sync the accelerator each step; CPU runs pay nothing.
-        every = 1 if self.device.type == "cpu" else self.trainer.log_every_n_steps
-        if (batch_idx + 1) % every == 0 or self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self.check_finite()
+    def on_train_start(self) -> None:
+        # The callbacks with a per-step hook, in the Trainer's order (found once, not per step).
+        self._step_hooks = [c for c in self.trainer.callbacks if callable(getattr(c, "on_train_step", None))]
+        self._mode_dependent = self.mode_dependent()
+        self._direct = self._steps_directly()
 
-    def check_finite(self) -> None:
-        """Raise DivergenceError naming the first step whose loss was NaN or inf."""
-        step = int(self._nonfinite_step)
-        if step >= 0:
+    def check_finite(self, losses: Tensor, first: int) -> None:
+        """Raise DivergenceError naming the first step whose loss was NaN or inf.
+
+        ``losses``: the block's step losses on this rank, from step ``first``. One host sync
+        per block (and one all-reduce under DDP, so every rank stops together).
+        """
+        bad = ~torch.isfinite(losses)
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad.any()), all=False):
+            step = first + int(bad.nonzero()[0]) if bad.any() else first
             raise DivergenceError(
                 f"training diverged: non-finite loss at step {step} (epoch {self.current_epoch}); "
                 "lower model.lr or check the data"
@@ -239,9 +384,11 @@ class Task(pl.LightningModule):
         sums = self._epoch_sums.pop(split, {})
         if not sums and not torch.distributed.is_initialized():
             return
-        for name in ("loss", "error", "ensemble_error"):
-            if name in sums:
-                self.metrics[f"{split}_{name}"].update(sums[name], sums["count"])
+        if "loss_error" in sums:
+            self.metrics[f"{split}_loss"].update(sums["loss_error"][0], sums["count"])
+            self.metrics[f"{split}_error"].update(sums["loss_error"][1], sums["count"])
+        if "ensemble_error" in sums:
+            self.metrics[f"{split}_ensemble_error"].update(sums["ensemble_error"], sums["count"])
         loss_k, error_k = self.metrics[f"{split}_loss"].compute(), self.metrics[f"{split}_error"].compute()
         values = {f"{split}/loss": loss_k.mean(), f"{split}/error": error_k.mean()}
         if self.ensemble_size > 1:
@@ -254,8 +401,8 @@ class Task(pl.LightningModule):
             self.metrics[f"{split}_{name}"].reset()
 
     def on_train_epoch_end(self) -> None:
-        self.check_finite()
         self._log_split("train")
+        self._step_lr_schedulers("epoch")
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")

@@ -16,13 +16,12 @@ raises a ConfigError: BatchNorm in training mode is not vmap-safe).
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from overparam.data import Batch, ResidentBatches
+from overparam.data import Batch
 from overparam.datasets import ImageData, load_cifar10
 from overparam.errors import check_choice, check_positive
 from overparam.models import ACTIVATIONS, ConvNet
@@ -49,24 +48,6 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Ten
     batch = torch.arange(B, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-class AugmentedBatches(ResidentBatches):
-    """``ResidentBatches`` whose training images are randomly cropped and flipped.
-
-    The augmentation generator lives on the data's device and is seeded from the data seed,
-    the epoch and the rank, so a run is reproducible and ranks draw different crops.
-    """
-
-    def __init__(self, *args, padding: int = 4, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.padding = padding
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        generator = torch.Generator(device=self.x.device)
-        generator.manual_seed((self.seed * 1_000_003 + self.epoch()) * 1009 + self.rank)
-        for x, y, n in super().__iter__():
-            yield random_crop_flip(x, self.padding, generator), y, n
 
 
 class CifarData(ImageData):
@@ -118,12 +99,13 @@ class CifarData(ImageData):
     def binary_labels(self, y: Tensor) -> Tensor:
         return torch.where(torch.isin(y, torch.tensor(VEHICLES)), 1.0, -1.0)
 
-    def train_dataloader(self) -> ResidentBatches:
-        if not self.augment:
-            return super().train_dataloader()
-        x, y = self.split("train")
-        rank, world = self._rank_and_world()
-        return AugmentedBatches(x, y, self.current_batch_size, True, self.seed, self._current_epoch, rank, world)
+    @property
+    def augments(self) -> bool:
+        return self.augment
+
+    def train_transform(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random crop (4-pixel zero padding) and horizontal flip of a training batch."""
+        return random_crop_flip(x, 4, generator)
 
 
 class CifarCNN(Task):

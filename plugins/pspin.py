@@ -36,7 +36,7 @@ run stops when every member has halted (or at ``max_epochs``/``max_steps``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from overparam.callbacks.base import AnalysisCallback
 from overparam.curvature.exact import dense_hessian
-from overparam.data import BatchSize, OverparamDataModule, ResidentBatches
+from overparam.data import BatchSize, OverparamDataModule
 from overparam.distributed import all_reduce_sum, total_count
 from overparam.errors import ConfigError, check_positive
 from overparam.functional import FunctionalView
@@ -142,11 +142,8 @@ class PSpinData(OverparamDataModule):
         coupling_seed: seed of J (the disorder sample), independent of the batch order.
         batch_size: ``full`` (default) is plain projected gradient descent; an integer b < N
             samples b rows (``b * N^{p-1}`` couplings) per step without replacement in a pass.
-        passes_per_epoch: passes over the rows in one Lightning epoch (with ``full``: gradient
-            steps per epoch). Default 1. A step at small N costs a few ms and Lightning's
-            per-epoch work about 25 ms on a loaded CPU, so long GD runs set 10-100. With
-            ``BatchSizeSwitch`` use its epoch ``schedule``: a ``step_schedule`` plans the sizes
-            of one pass and would restart at every pass.
+        passes_per_epoch: passes over the rows in one epoch (with ``full``: gradient steps per
+            epoch). Default 1; long GD runs set 10-100 (see ``OverparamDataModule``).
         eval_batch_size, seed, analysis_size: see ``OverparamDataModule``.
 
     The targets are zeros (an energy has none); the test split is the training split, so the
@@ -164,12 +161,10 @@ class PSpinData(OverparamDataModule):
         seed: int = 0,
         analysis_size: Optional[int] = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, analysis_size)
+        super().__init__(batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch)
         check_positive("data.N", N - 1)
         check_positive("data.p", p - 1)
-        check_positive("data.passes_per_epoch", passes_per_epoch)
         self.N, self.p, self.coupling_seed = N, p, coupling_seed
-        self.passes_per_epoch = passes_per_epoch
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -188,31 +183,6 @@ class PSpinData(OverparamDataModule):
         x = coupling_rows(couplings(self.N, self.p, self.coupling_seed))
         y = torch.zeros(self.N)
         return {"train": (x, y), "test": (x, y)}
-
-    def train_dataloader(self) -> Union[ResidentBatches, "_Passes"]:
-        R = self.passes_per_epoch
-        if R == 1:
-            return super().train_dataloader()
-        passes = [super(PSpinData, self).train_dataloader() for _ in range(R)]
-        for r, loader in enumerate(passes):
-            # pass r of epoch e draws the permutation of "epoch" e * R + r
-            loader.epoch = lambda r=r: self._current_epoch() * R + r
-        return _Passes(passes)
-
-
-class _Passes:
-    """Several passes of resident batches as one epoch."""
-
-    def __init__(self, passes: list[ResidentBatches]) -> None:
-        self.passes = passes
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.passes)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        for p in self.passes:
-            yield from p
-
 
 # --- the task ------------------------------------------------------------------------------
 class PSpinTask(Task):
@@ -287,18 +257,18 @@ class PSpinTask(Task):
         return self.halt_step >= 0
 
     # --- steps -------------------------------------------------------------------------------
-    def _step(self, batch: Sequence[Any], split: str) -> Tensor:
+    def _step(self, batch: Sequence[Tensor], split: str, global_size: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch[0], batch[1]
-        per_sample = self.loss_fn(self.member_outputs(x), y, reduction="none")  # (K, B)
+        out = self.member_outputs(x)
+        per_sample = self.loss_fn(out, y, reduction="none")  # (K, B)
         # no 0/1 error for an energy
         ensemble_errors = torch.zeros_like(per_sample[0]) if self.ensemble_size > 1 else None
         self.record(split, per_sample, torch.zeros_like(per_sample), ensemble_errors)
-        n_global = self.global_batch_size(batch)
         if split == "train":
-            self._full_batch = n_global == self.num_train
+            self._full_batch = global_size == self.num_train
             if self._full_batch:  # the energy per spin of each member at this step's spins (chunks add up)
-                self._batch_energy = self._batch_energy + all_reduce_sum(per_sample.detach().sum(-1).double() / n_global)
-        return self.batch_loss(per_sample, batch)
+                self._batch_energy = self._batch_energy + all_reduce_sum(per_sample.detach().sum(-1).double() / global_size)
+        return self.batch_loss(per_sample, global_size), out, per_sample
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the gradient on the tangent space; judge halting when it is the full gradient."""
@@ -310,10 +280,10 @@ class PSpinTask(Task):
         self._batch_energy = 0.0
         grad[self.halted] = 0.0
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Optional[Callable] = None) -> None:
+    def update(self, optimizer: Any) -> None:
         """Step, then rescale to ``|sigma|^2 = N``; halted members keep their halting spins."""
         before = self.spins().clone()
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        super().update(optimizer)
         with torch.no_grad():
             sigma = self.spins()
             sigma.copy_(torch.where(self.halted.unsqueeze(1), before, to_sphere(sigma)))
@@ -523,7 +493,7 @@ class HaltingEnergies(AnalysisCallback):
         check_positive(f"{type(self).__name__}.bins", bins)
         self.bins = bins
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """At setup: refuse a model other than the p-spin task."""
         _require_pspin(self, pl_module)
 
@@ -587,7 +557,7 @@ class SphericalHessian(AnalysisCallback):
             check_positive(f"{type(self).__name__}.max_members", max_members)
         self.max_members = max_members
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """At setup: refuse a model other than the p-spin task."""
         _require_pspin(self, pl_module)
 

@@ -12,8 +12,9 @@ class RecordBatches(pl.Callback):
     def __init__(self) -> None:
         self.seen: dict[int, list[float]] = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.setdefault(trainer.current_epoch, []).extend(batch[0][:, 0].tolist())
+    def on_train_step(self, trainer, pl_module, record) -> None:
+        for x, _ in record.data.chunks:
+            self.seen.setdefault(record.epoch, []).extend(x[:, 0].tolist())
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = os.path.join(trainer.log_dir, f"seen_rank{trainer.global_rank}.json")

@@ -16,7 +16,7 @@ import torch
 from overparam.datasets import load_cifar10
 from overparam.errors import ConfigError
 from overparam.models import ConvNet, count_parameters
-from overparam.plugins.cifar_cnn import AugmentedBatches, CifarCNN, CifarData, random_crop_flip
+from overparam.plugins.cifar_cnn import CifarCNN, CifarData, random_crop_flip
 
 REPO = Path(__file__).resolve().parents[1]
 UNVERIFIED = pytest.mark.filterwarnings("ignore:.*md5 check is off")
@@ -124,13 +124,14 @@ def test_augmentation_only_on_training_batches(cifar_root: Path, small: CifarDat
     with pytest.warns(UserWarning):
         augmented = cifar(cifar_root, n_train=500, n_test=200, val_size=100, augment=True)
     loader = augmented.train_dataloader()
-    assert isinstance(loader, AugmentedBatches)
-    x, y, n = next(iter(loader))
-    assert x.shape == (128, 3, 32, 32) and n == 128
-    order = loader.permutation()[:128]
+    assert loader.transform is not None
+    step = next(iter(loader))[0]
+    (x, y), n = step.chunks[0], step.global_size
+    assert x.shape == (128, 3, 32, 32) and n == 128 and not step.whole_train_set
+    order = loader.permutation(0)[:128]
     assert not torch.equal(x, augmented.split("train")[0][order]), "training batch was not augmented"
     assert torch.equal(y, augmented.split("train")[1][order])
-    assert torch.equal(next(iter(loader))[0], x), "augmentation must be seeded"
+    assert torch.equal(next(iter(loader))[0].chunks[0][0], x), "augmentation must be seeded"
     val_x = next(iter(augmented.val_dataloader()))[0]
     assert torch.equal(val_x, augmented.split("val")[0])
 

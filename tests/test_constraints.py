@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from overparam.callbacks.constraints import ConstraintCounter, constraint_sums, delta_histograms
+from overparam.callbacks.constraints import ConstraintCounter
+from overparam.constraints import JAMMED, RUNNING, SAT, JammingVerdict, constraint_sums, delta_histograms, gap_tolerance, gaps
 from overparam.errors import ConfigError
 from overparam.losses import squared_hinge
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
@@ -59,7 +60,8 @@ def test_constraint_sums_binary_by_hand():
     y = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
     # margins 2, 0.5, -0.3, -1, 2 -> Delta -1, 0.5, 1.3, 2, -1
     edges = torch.tensor([0.1, 1.0, 1.5, 10.0], dtype=torch.float64)
-    sums, hist = constraint_sums(outputs, y, squared_hinge, edges)
+    sums = constraint_sums(outputs, y, squared_hinge(outputs, y, reduction="none"))
+    hist = delta_histograms(gaps(outputs, y), edges)
     expected_loss = 0.5 * (0.5**2 + 1.3**2 + 2**2)
     torch.testing.assert_close(sums[0], torch.tensor([3.0, 2.0, expected_loss, 5.0], dtype=torch.float64))
     # |Delta| of unsatisfied: 0.5 -> bin 0, 1.3 -> bin 1, 2 -> bin 2; satisfied: 1, 1 -> bin 1 (edge 1.0 goes right)
@@ -76,11 +78,22 @@ def test_constraint_sums_multiclass_by_hand_per_member():
         dtype=torch.float64,
     )
     y = torch.tensor([0, 1, 0])
-    sums, hist = constraint_sums(outputs, y, squared_hinge, torch.logspace(-8, 2, 11, dtype=torch.float64))
+    sums = constraint_sums(outputs, y, squared_hinge(outputs, y, reduction="none"))
+    hist = delta_histograms(gaps(outputs, y), torch.logspace(-8, 2, 11, dtype=torch.float64))
     assert sums[:, 0].tolist() == [2.0, 2.0]  # N_Delta
     assert sums[:, 1].tolist() == [1.0, 2.0]  # errors: margin <= 0 (the tie counts)
     torch.testing.assert_close(sums[:, 2], torch.tensor([0.5 * (0.49 + 1), 0.5 * 18], dtype=torch.float64))
     assert hist.sum(-1).tolist() == [[2.0, 1.0], [2.0, 1.0]]  # every constraint in exactly one bin
+
+
+def test_gaps_at_round_off_are_closed_at_the_default_tolerance():
+    """A SAT run's last constraints stall at Delta ~ 1e-16 (its gradient vanished with them)."""
+    y = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    outputs = torch.tensor([[[1.0 - 2e-16], [-(1.0 - 4e-16)], [3.0]]], dtype=torch.float64)
+    losses = squared_hinge(outputs, y, reduction="none")
+    assert constraint_sums(outputs, y, losses)[0, 0] == 2.0  # strict: two open gaps
+    assert constraint_sums(outputs, y, losses, gap_tolerance(torch.float64))[0, 0] == 0.0
+    assert gap_tolerance(torch.float64) == 1024 * 2.0**-52 and gap_tolerance(torch.float32) == 1024 * 2.0**-23
 
 
 def test_histogram_folds_outliers_into_end_bins():
@@ -129,19 +142,63 @@ def test_sat_stop_triggers_exactly_when_n_delta_hits_zero(tmp_path):
 def test_sat_stop_every_n_steps_stops_mid_epoch(tmp_path):
     task, data = make(P=16, width=32, lr=0.05, batch_size=4)
     counter = ConstraintCounter(every_n_epochs=None, every_n_steps=1, stop_when_sat=True, at_fit_end=False)
-    trainer = fit(task, data, [counter], max_epochs=40, tmp_path=tmp_path)
+    trainer = fit(task, data, [counter], max_epochs=40, tmp_path=tmp_path, log_every_n_steps=1)
     counts = [h["N_delta"][0] for h in counter.history]
     assert counts[-1] == 0 and all(c > 0 for c in counts[:-1])
-    assert [h["step"] for h in counter.history] == list(range(1, trainer.global_step + 1))
+    # theta_t for t = 0 .. T: the SAT network theta_T is the final one (no update after the stop).
+    assert [h["step"] for h in counter.history] == list(range(0, trainer.global_step + 1))
+    assert trainer.global_step % 4 != 0 or trainer.current_epoch * 4 != trainer.global_step, "stops mid-epoch"
+
+
+def test_full_batch_counts_read_the_steps_forward_pass_and_equal_a_pass_of_their_own(tmp_path):
+    class Compare(ConstraintCounter):
+        def analyse_step(self, trainer, pl_module, step, record):
+            if record is None:  # theta_T at fit end: no forward pass to read
+                return
+            assert record.evaluates_train_set
+            pairs = zip(record.outputs, (y for _, y in record.data.chunks), record.losses)
+            free, own = self.count(trainer, pl_module, pairs), self.count(trainer, pl_module, None)
+            torch.testing.assert_close(free["sums"], own["sums"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(free["hist"], own["hist"])
+            self.compared = getattr(self, "compared", 0) + 1
+
+    task, data = make(P=30, width=3, K=2)
+    counter = Compare(every_n_epochs=None, every_n_steps=1, at_fit_end=False)
+    fit(task, data, [counter], max_epochs=5, tmp_path=tmp_path)
+    assert counter.compared == 5
+
+
+def test_a_run_still_descending_is_never_jammed_and_a_plateau_is():
+    """Synthetic curves: a slow power law keeps running; a converged positive loss is jammed."""
+    slow = JammingVerdict(1, min_rel_decrease=1e-3, min_plateau_steps=100)
+    for t in range(1, 100_001, 7):
+        status = slow.update(t, [50.0], [0.3 * t**-0.01])  # loses ~0.7% per doubling of t
+    assert status == [RUNNING]
+    creeping = JammingVerdict(1, min_plateau_steps=100)
+    for t in range(1, 50_001, 5):
+        status = creeping.update(t, [200.0 - t // 2_000], [0.1])  # N_Delta still falls now and then
+    assert status == [RUNNING]
+    jam = JammingVerdict(1, min_rel_decrease=1e-3, min_plateau_steps=100)
+    seen = []
+    for t in range(0, 20_000):
+        seen.append(jam.update(t, [40.0], [0.1 + 0.5 * np.exp(-t / 300)])[0])  # converged by t ~ 3,000
+    first = seen.index(JAMMED)
+    assert 2 * 2_000 < first < 2 * 5_000, first  # about twice the steps the loss needed to settle
+    sat = JammingVerdict(2)
+    assert sat.update(5, [0.0, 3.0], [0.0, 0.2]) == [SAT, RUNNING] and not sat.done()
 
 
 def test_jammed_stop_on_a_plateau_with_unsatisfied_constraints(tmp_path):
     task, data = make(P=40, width=1, lr=0.05)  # N = 7 < P: cannot fit 40 random labels
-    counter = ConstraintCounter(stop_when_jammed=True, patience=5, min_rel_decrease=0.05, at_fit_end=False)
-    trainer = fit(task, data, [counter], max_epochs=400, tmp_path=tmp_path)
-    assert counter.status == ["jammed"] and trainer.current_epoch < 400
+    counter = ConstraintCounter(stop_when_jammed=True, min_plateau_steps=50, at_fit_end=True)
+    # N_Delta still finds new lows (36 -> 34) while the loss has settled to 1e-4: jammed at ~2,900.
+    trainer = fit(task, data, [counter], max_epochs=5000, tmp_path=tmp_path)
+    assert counter.status == ["jammed"] and trainer.current_epoch < 5000
     assert counter.history[-1]["N_delta"][0] > 0
-    assert counter.since_best == [5]
+    verdict = json.load(open(tmp_path / "constraints" / "verdict.json"))
+    assert verdict["reason"] == "stopped by ConstraintCounter: every member SAT or jammed"
+    assert verdict["members"][0]["status"] == "jammed" and verdict["members"][0]["N_delta"] > 0
+    assert verdict["members"][0]["step"] == trainer.global_step
 
 
 def test_ensemble_stops_only_when_every_member_is_done(tmp_path):
@@ -155,9 +212,10 @@ def test_ensemble_stops_only_when_every_member_is_done(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"patience": 0}, "ConstraintCounter.patience must be positive"),
+        ({"min_plateau_steps": 0}, "ConstraintCounter.min_plateau_steps must be positive"),
         ({"every_n_steps": -1}, "ConstraintCounter.every_n_steps"),
         ({"min_rel_decrease": 2.0}, "min_rel_decrease must be in"),
+        ({"gap_tol": -1.0}, "ConstraintCounter.gap_tol"),
         ({"delta_range": (1.0, 0.1)}, "delta_range must be two numbers"),
     ],
 )
@@ -166,12 +224,14 @@ def test_bad_arguments_name_the_option(kwargs, match):
         ConstraintCounter(**kwargs)
 
 
-def test_state_dict_round_trip_keeps_plateau_tracking():
-    a = ConstraintCounter()
-    a._update_status([3.0, 0.0], [0.5, 0.0])
-    b = ConstraintCounter()
+def test_state_dict_round_trip_keeps_the_verdict():
+    a = ConstraintCounter(min_plateau_steps=10)
+    for t in range(30):
+        a._verdict(2).update(t, [3.0, 0.0], [0.5, 0.0])
+    b = ConstraintCounter(min_plateau_steps=10)
     b.load_state_dict(a.state_dict())
-    assert (b.status, b.best_loss, b.since_best) == (["running", "sat"], [0.5, 0.0], [0, 0])
+    assert b._verdict(2).status == a.status == ["jammed", "sat"]
+    assert b.verdict.milestones == a.verdict.milestones and b.verdict.best_loss == [0.5, 0.0]
 
 
 class _PerRank(ConstraintCounter):

@@ -243,7 +243,7 @@ def test_bad_configuration_is_one_clear_error():
     with pytest.raises(ConfigError, match="HaltingEnergies.bins"):
         HaltingEnergies(bins=0)
     with pytest.raises(ConfigError, match="needs the PSpinTask"):
-        HaltingEnergies().setup(None, torch.nn.Module(), "fit")  # type: ignore[arg-type]
+        HaltingEnergies().on_setup(None, torch.nn.Module(), "fit")  # type: ignore[arg-type]
 
 
 def test_cli_fit_with_the_config(cli, tmp_path):

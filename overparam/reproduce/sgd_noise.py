@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 
+from overparam.callbacks.base import AnalysisCallback
 from overparam.errors import ConfigError, check_positive
 from overparam.reproduce import _runs
 
@@ -54,7 +55,7 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
-class TargetLoss(pl.Callback):
+class TargetLoss(AnalysisCallback):
     """Exact training loss on a fixed subset after every ``every_n_steps`` optimizer steps;
     stops training once it is at or below ``min(targets)`` (unless ``stop`` is false).
 
@@ -62,7 +63,7 @@ class TargetLoss(pl.Callback):
     (``analysis_batches(size=...)``, the same points at every step), so the steps at which
     runs of different batch sizes reach a target compare like for like (the logged
     ``train/loss`` is a running mean over an epoch, which at small batches spans many steps).
-    Saves ``<log_dir>/target_loss.npz`` (``step``, ``loss``: ``step`` optimizer steps done).
+    Saves ``<log_dir>/target_loss/curve.npz`` (``step``, ``loss``: ``step`` optimizer steps done).
 
     Args:
         targets: training losses whose first crossing matters; training stops at the lowest.
@@ -75,43 +76,34 @@ class TargetLoss(pl.Callback):
         Trainer(callbacks=[TargetLoss(targets=[0.5, 0.3], size=1024)])
     """
 
+    default_name = "target_loss"
+
     def __init__(self, targets: Sequence[float], size: int = 1024, every_n_steps: int = 1, stop: bool = True) -> None:
         if not targets or any(not (t > 0) for t in targets):
             raise ConfigError(f"TargetLoss.targets must be a non-empty list of positive losses, got {list(targets)!r}")
         check_positive("TargetLoss.size", size)
         check_positive("TargetLoss.every_n_steps", every_n_steps)
-        self.targets, self.size, self.every_n_steps, self.stop = sorted(targets, reverse=True), size, every_n_steps, stop
-        self.steps: list[int] = []
+        super().__init__(at_fit_end=True, every_n_steps=every_n_steps)
+        self.targets, self.size, self.stop = sorted(targets, reverse=True), size, stop
+        self.steps_done: list[int] = []
         self.losses: list[float] = []
 
     @torch.no_grad()
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def analyse_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, record: Any) -> None:
+        """The loss of theta_step (member 0) on the fixed subset; stop at the lowest target."""
         total, count = 0.0, 0
         for x, y in trainer.datamodule.analysis_batches(size=self.size, shard_across_ranks=False):
             out = pl_module.member_outputs(x)  # (K, B, C)
             total += float(pl_module.loss_fn(out, y, reduction="none")[0].sum())  # member 0
             count += x.shape[0]
-        self.steps.append(trainer.global_step)
+        self.steps_done.append(step)
         self.losses.append(total / count)
         if self.stop and self.losses[-1] <= self.targets[-1]:
             trainer.should_stop = True
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Before the first step: the initial loss (step 0)."""
-        if trainer.global_step == 0:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After an optimizer step (``global_step`` already counts it): evaluate if scheduled."""
-        if trainer.global_step % self.every_n_steps == 0:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save the curve (rank 0)."""
-        if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            np.savez(folder / "target_loss.npz", step=np.array(self.steps), loss=np.array(self.losses))
+    def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        """At fit end: save the curve (rank 0)."""
+        self.save_npz(trainer, "curve.npz", step=np.array(self.steps_done), loss=np.array(self.losses))
 
 
 def steps_to(curve: dict[str, np.ndarray], target: float) -> Optional[int]:
@@ -181,7 +173,7 @@ def run_name(B: int, lr: float, config_lr: float) -> str:
 
 
 def _curve(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "target_loss.npz") as f:
+    with np.load(run / "target_loss" / "curve.npz") as f:
         return {"step": f["step"], "loss": f["loss"]}
 
 
