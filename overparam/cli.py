@@ -173,18 +173,33 @@ class OverparamCLI(LightningCLI):
             init_args = logger.get("init_args") if hasattr(logger, "get") else None
             if init_args is not None and init_args.get("name") == DEFAULT_RUN_NAME:
                 init_args["name"] = task
+        self._tie_input_dim(config)
         self._add_last_checkpoint(config.trainer)
 
     @staticmethod
+    def _tie_input_dim(config: Namespace) -> None:
+        """``data.input_dim: width`` takes the model's width (d = h, the jamming papers' random data)."""
+        data = (config.get("data") or Namespace()).get("init_args") or Namespace()
+        if data.get("input_dim") != "width":
+            return
+        width = ((config.get("model") or Namespace()).get("init_args") or Namespace()).get("width")
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise ConfigError(f"data.input_dim: width needs one integer model.width, got {width!r}")
+        data["input_dim"] = width
+
+    @staticmethod
     def _add_last_checkpoint(trainer: Namespace) -> None:
-        """Keep ``checkpoints/last.ckpt`` (resume) unless checkpointing is off or configured."""
+        """Keep ``checkpoints/last.ckpt`` (resume) unless checkpointing is off or configured.
+
+        ``LastCheckpoint``: at epoch ends, at most every 30 s, and at the end of training.
+        """
         if trainer.get("enable_checkpointing") is False:
             return
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if any("ModelCheckpoint" in str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")):
+        if any("Checkpoint" in str(c.get("class_path", "")) for c in callbacks if hasattr(c, "get")):
             return
-        checkpoint = Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(save_last=True))
+        checkpoint = Namespace(class_path="overparam.checkpoint.LastCheckpoint", init_args=Namespace(every_n_seconds=30.0))
         trainer["callbacks"] = [*callbacks, checkpoint]
 
     def after_fit(self) -> None:

@@ -15,13 +15,13 @@ so the test set does not change with P and the first P points are shared across 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from overparam.data import BatchSize, OverparamDataModule
-from overparam.errors import check_choice, check_positive
+from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.models import ACTIVATIONS, FullyConnected, Width
 from overparam.task import Task
 
@@ -33,7 +33,9 @@ class TeacherStudentData(OverparamDataModule):
     """Gaussian inputs on the sphere labelled by a random teacher network.
 
     Args:
-        input_dim: d, the input dimension.
+        input_dim: d, the input dimension; ``width`` (on the command line and in configs) ties it
+            to the model's width, d = h, as in the jamming papers' random data (Geiger et al.
+            2019), so a width sweep changes both.
         num_train: P, training points.
         num_test: test points.
         num_val: validation points (0: no validation loop).
@@ -41,12 +43,12 @@ class TeacherStudentData(OverparamDataModule):
         num_classes: classes for ``multiclass`` and ``random`` (2 gives binary +-1 labels).
         teacher_width, teacher_depth, teacher_activation: the teacher network.
         teacher_seed: seed of the teacher's weights (independent of the data seed).
-        batch_size, eval_batch_size, seed, analysis_size: see ``OverparamDataModule``.
+        batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch: see ``OverparamDataModule``.
     """
 
     def __init__(
         self,
-        input_dim: int = 10,
+        input_dim: Union[int, Literal["width"]] = 10,
         num_train: int = 1000,
         num_test: int = 2000,
         num_val: int = 0,
@@ -60,8 +62,11 @@ class TeacherStudentData(OverparamDataModule):
         eval_batch_size: int = 8192,
         seed: int = 0,
         analysis_size: Optional[int] = None,
+        passes_per_epoch: int = 1,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed, analysis_size)
+        super().__init__(batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch)
+        if input_dim == "width":
+            raise ConfigError("data.input_dim: width is resolved by the overparam command from model.width; give a number here")
         check_positive("data.input_dim", input_dim)
         check_positive("data.num_train", num_train)
         check_positive("data.num_test", num_test)
