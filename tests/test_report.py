@@ -43,7 +43,7 @@ def test_empty_runs_dir_is_a_config_error(tmp_path):
         jamming(str(tmp_path))
 
 
-def run_sweep(root: Path, widths: list[int], K: int, seeds: list[int], P: int, max_epochs: int) -> None:
+def run_sweep(root: Path, widths: list[int], K: int, seeds: list[int], P: int, max_steps: int) -> None:
     """The grid of configs/sweeps/jamming_random.yaml, shrunk, as in-process `overparam fit` runs."""
     import yaml
 
@@ -51,7 +51,7 @@ def run_sweep(root: Path, widths: list[int], K: int, seeds: list[int], P: int, m
 
     config = yaml.safe_load(CONFIG.read_text())
     counter = next(c for c in config["trainer"]["callbacks"] if c["class_path"] == "ConstraintCounter")
-    counter["init_args"].update(patience=15, min_rel_decrease=0.05, save_every=1000)  # short plateaus: a test budget
+    counter["init_args"].update(min_plateau_steps=200, save_every=1000)  # a short first window: a test budget
     small = root.parent / "jamming_small.yaml"
     small.write_text(yaml.safe_dump(config))
     for width in widths:
@@ -61,7 +61,7 @@ def run_sweep(root: Path, widths: list[int], K: int, seeds: list[int], P: int, m
                 f"--model.init_args.width={width}", f"--model.init_args.init_seed={seed}",
                 f"--model.init_args.ensemble_size={K}",
                 f"--data.init_args.num_train={P}", "--data.init_args.input_dim=5", "--data.init_args.num_test=200",
-                f"--trainer.max_epochs={max_epochs}", "--trainer.enable_model_summary=false",
+                f"--trainer.max_steps={max_steps}", "--trainer.enable_model_summary=false",
                 "--optimizer.init_args.lr=0.03",
                 f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name=w{width}",
                 f"--trainer.logger.init_args.version=s{seed}",
@@ -90,7 +90,7 @@ def check_report(root: Path, widths: list[int]) -> dict:
 def test_report_on_a_small_real_sweep(tmp_path):
     """Two widths x one run of K = 3 vmapped seeds (P = 30): the narrow ones jam, the wide ones SAT."""
     widths = [1, 24]
-    run_sweep(tmp_path / "runs", widths, K=3, seeds=[0], P=30, max_epochs=300)
+    run_sweep(tmp_path / "runs", widths, K=3, seeds=[0], P=30, max_steps=20_000)
     report = check_report(tmp_path / "runs", widths)
     # K > 1 runs carry the ensemble's test error and the members' own.
     assert all(not math.isnan(g["ensemble_test_error"]) for g in report["groups"])
@@ -102,7 +102,7 @@ def test_report_on_a_width_sweep_with_seeds(tmp_path):
     from overparam.cli import main
 
     widths = [1, 2, 4, 8, 32]
-    run_sweep(tmp_path / "runs", widths, K=2, seeds=[0, 1], P=40, max_epochs=600)
+    run_sweep(tmp_path / "runs", widths, K=2, seeds=[0, 1], P=40, max_steps=40_000)
     report = check_report(tmp_path / "runs", widths)
     print("\n".join(f"{g['N']:>6} {g['sat_fraction']:.2f} {g['N_delta_over_N']:.3f} {g['test_error']:.3f}" for g in report["groups"]))
     assert main(["report", "jamming", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--ensemble"]) == 0

@@ -26,9 +26,9 @@ def check_phase(numbers: dict) -> None:
 
 
 def test_reduced_random_sweep(tmp_path):
-    """Two widths x K = 3 vmapped seeds on P = 30 random labels (d = 5)."""
-    reduced = {"random": dict(widths=[1, 24], K=3, data={"num_train": 30, "input_dim": 5, "num_test": 200},
-                              max_epochs=300, patience=15, min_rel_decrease=0.05)}
+    """Two widths x K = 3 vmapped seeds on P = 30 random labels (d = h)."""
+    reduced = {"random": dict(widths=[1, 12], K=3, data={"num_train": 30, "num_test": 200},
+                              max_steps=20_000, min_plateau_steps=200)}
     numbers = jamming.run("small", tmp_path / "out", tmp_path / "runs", settings=reduced, datasets=("random",))
     check_phase(numbers["random"])
     assert [g["samples"] for g in numbers["random"]["groups"]] == [3, 3]

@@ -3,9 +3,11 @@
 Reads every run folder under RUNS_DIR (recursively: a folder with ``metrics.csv``), taking N,
 P and K from ``hparams.yaml`` (logged by the Task), width and seeds from ``config.yaml``, and
 from ``metrics.csv`` the last count of ``ConstraintCounter`` (``constraints/N_delta``, per
-member ``.../member_k`` when K > 1: each member is one sample) and the last test errors
-(``test/error``, ``test/error/member_k``, ``test/ensemble_error``). A sample is SAT when its
-final N_Delta is 0.
+member ``.../member_k`` when K > 1: each member is one sample), its verdict (``constraints/sat``
+and ``constraints/jammed``) and the last test errors (``test/error``, ``test/error/member_k``,
+``test/ensemble_error``). A sample is SAT or jammed by the counter's verdict; a run that ended
+without one (the step budget ran out while it still improved) is *undecided*: it is counted
+and reported per group but left out of the SAT fraction and N*, which it would bias.
 
 It writes into ``--out`` (default ``RUNS_DIR/report_jamming``):
 
@@ -96,6 +98,8 @@ def read_run(folder: str) -> list[dict[str, Any]]:
     for k in range(K):
         suffix = f"/member_{k}" if K > 1 else ""
         N_delta = metrics.get(f"constraints/N_delta{suffix}", math.nan)
+        sat = metrics.get(f"constraints/sat{suffix}", float(N_delta == 0))
+        jammed = metrics.get(f"constraints/jammed{suffix}", 0.0)
         samples.append(
             {
                 **base,
@@ -104,7 +108,8 @@ def read_run(folder: str) -> list[dict[str, Any]]:
                 "N_delta": N_delta,
                 "N_delta_over_N": N_delta / N,
                 "train_loss": metrics.get(f"constraints/loss{suffix}", math.nan),
-                "sat": int(N_delta == 0),
+                "sat": int(sat == 1),
+                "status": "sat" if sat == 1 else ("jammed" if jammed == 1 else "undecided"),
                 "test_error": metrics.get(f"test/error{suffix}", math.nan),
             }
         )
@@ -163,13 +168,15 @@ def summarise(samples: list[dict[str, Any]], ensemble: Optional[dict[tuple[int, 
         ens = [s["ensemble_error"] for s in {s["run"]: s for s in group}.values() if not math.isnan(s["ensemble_error"])]
         if ensemble and (P, N) in ensemble:
             ens.append(ensemble[(P, N)])
+        decided = [s for s in group if s["status"] != "undecided"]
         rows.append(
             {
                 "P": P,
                 "N": N,
                 "N_over_P": N / P if P else math.nan,
                 "samples": len(group),
-                "sat_fraction": float(np.mean([s["sat"] for s in group])),
+                "undecided": len(group) - len(decided),
+                "sat_fraction": float(np.mean([s["sat"] for s in decided])) if decided else math.nan,
                 "N_delta_over_N": float(np.mean([s["N_delta_over_N"] for s in group])),
                 "test_error": float(np.nanmean(errors)) if np.isfinite(errors).any() else math.nan,
                 "test_error_std": float(np.nanstd(errors)) if np.isfinite(errors).any() else math.nan,
@@ -278,7 +285,7 @@ def jamming(runs_dir: str, out: Optional[str] = None, ensemble: bool = False) ->
     for P in sorted({s["P"] for s in samples}):
         flags: dict[int, list[int]] = defaultdict(list)
         for s in samples:
-            if s["P"] == P:
+            if s["P"] == P and s["status"] != "undecided":
                 flags[s["N"]].append(s["sat"])
         est = estimate_nstar(flags)
         nstars.append({"P": P, **est, "N_star_over_P": est["N_star"] / P if P else math.nan})
@@ -291,10 +298,10 @@ def jamming(runs_dir: str, out: Optional[str] = None, ensemble: bool = False) ->
 
 def _format(report: dict[str, Any]) -> str:
     lines = [f"{len(report['samples'])} samples in {len({s['run'] for s in report['samples']})} runs"]
-    lines.append(f"{'P':>7} {'N':>8} {'N/P':>8} {'n':>3} {'SAT':>5} {'N_D/N':>8} {'test err':>9} {'ens err':>8}")
+    lines.append(f"{'P':>7} {'N':>8} {'N/P':>8} {'n':>3} {'undec':>5} {'SAT':>5} {'N_D/N':>8} {'test err':>9} {'ens err':>8}")
     for g in report["groups"]:
         lines.append(
-            f"{g['P']:>7} {g['N']:>8} {g['N_over_P']:>8.3g} {g['samples']:>3} {g['sat_fraction']:>5.2f} "
+            f"{g['P']:>7} {g['N']:>8} {g['N_over_P']:>8.3g} {g['samples']:>3} {g['undecided']:>5} {g['sat_fraction']:>5.2f} "
             f"{g['N_delta_over_N']:>8.3g} {g['test_error']:>9.4f} {g['ensemble_test_error']:>8.4f}"
         )
     for ns in report["nstar"]:

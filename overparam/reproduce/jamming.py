@@ -15,10 +15,11 @@ Two datasets:
 * ``mnist``: MNIST parity on whitened PCA components (``configs/experiments/jamming_mnist.yaml``):
   the test error vs N around N*, and the ensemble average past N*.
 
-``small`` runs on one CPU thread in minutes (random: P = 60, d = 5, 6 widths; MNIST: P = 100,
-8 widths; K = 4 seeds per width, shorter plateaus); ``full`` is the talk's grid for one GPU
-(random: P = 500, d = 10, the widths of ``configs/sweeps/jamming_random.yaml``; MNIST: P = 2,000
-with the widths of ``configs/sweeps/jamming_mnist.yaml``; K = 8, the configs' patience).
+``small`` runs on one CPU thread in minutes (random: P = 100, d = h, 6 widths; MNIST: P = 100,
+8 widths; K = 4 seeds per width); ``full`` is the configs' grid (random: P = 600, d = h, the
+widths of ``configs/sweeps/jamming_random.yaml``; MNIST: P = 2,000 with the widths of
+``configs/sweeps/jamming_mnist.yaml``; K = 8). Every run ends on ConstraintCounter's verdict
+(SAT, jammed, or undecided at the step budget), never on a fixed number of epochs.
 """
 
 from __future__ import annotations
@@ -36,35 +37,31 @@ from overparam.reproduce import _runs
 
 TITLE = "Jamming: N_Delta phase diagram, N*, test error vs N and the ensemble average (random labels, MNIST parity)"
 
-# Per dataset: widths swept, K seeds per run (vmap), the data/optimizer overrides, and the
-# ConstraintCounter plateau (patience in epochs, min_rel_decrease) used to call a run jammed.
+# Per dataset: widths swept, K seeds per run (vmap), the data/optimizer overrides, the step budget
+# (an upper bound: ConstraintCounter's verdict ends each run) and the verdict's plateau window.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
-        "random": dict(config="experiments/jamming_random.yaml", widths=[1, 2, 4, 6, 8, 16], K=4,
-                       data={"num_train": 60, "input_dim": 5, "num_test": 1000}, lr=0.03, max_epochs=800,
-                       patience=30, min_rel_decrease=0.05),
+        "random": dict(config="experiments/jamming_random.yaml", widths=[2, 3, 4, 5, 6, 8], K=4,
+                       data={"num_train": 100, "num_test": 1000}, lr=None, max_steps=100_000, min_plateau_steps=1000),
         "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[1, 2, 3, 4, 5, 6, 8, 16], K=4,
-                      data={"n_train": 100, "n_test": 2000}, lr=0.03, max_epochs=800,
-                      patience=30, min_rel_decrease=0.05),
+                      data={"n_train": 100, "n_test": 2000}, lr=None, max_steps=100_000, min_plateau_steps=1000),
     },
     "full": {
-        "random": dict(config="experiments/jamming_random.yaml", widths=[2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 38], K=8,
-                       data={}, lr=None, max_epochs=20000, patience=None, min_rel_decrease=None,
-                       accelerator="auto"),  # the config pins the CPU
+        "random": dict(config="experiments/jamming_random.yaml", widths=[6, 8, 9, 10, 11, 12, 14, 16], K=8,
+                       data={}, lr=None, max_steps=None, min_plateau_steps=None, accelerator="auto"),
         "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[2, 4, 8, 12, 16, 24, 32, 40, 48, 64], K=8,
-                      data={}, lr=None, max_epochs=20000, patience=None, min_rel_decrease=None),
+                      data={}, lr=None, max_steps=None, min_plateau_steps=None),
     },
 }
 
 
 def _config(s: dict[str, Any], runs: Path, name: str) -> Path:
-    """The shipped config with this scale's plateau (the callback list cannot be patched from the CLI)."""
+    """The shipped config with this scale's plateau window (the callback list cannot be patched from the CLI)."""
     config = yaml.safe_load(Path(_runs.config_path(s["config"])).read_text())
     for cb in config["trainer"]["callbacks"]:
         if cb["class_path"] == "ConstraintCounter":
-            for key in ("patience", "min_rel_decrease"):
-                if s[key] is not None:
-                    cb["init_args"][key] = s[key]
+            if s["min_plateau_steps"] is not None:
+                cb["init_args"]["min_plateau_steps"] = s["min_plateau_steps"]
             cb["init_args"]["save_every"] = 100000  # histograms at the end only
     path = runs / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -78,7 +75,9 @@ def sweep(name: str, s: dict[str, Any], runs: Path) -> Path:
     config = _config(s, runs, name)
     for width in s["widths"]:
         args = ["-c", str(config), f"--model.init_args.width={width}", f"--model.init_args.ensemble_size={s['K']}",
-                f"--trainer.max_epochs={s['max_epochs']}", "--trainer.enable_model_summary=false"]
+                "--trainer.enable_model_summary=false"]
+        if s["max_steps"] is not None:
+            args.append(f"--trainer.max_steps={s['max_steps']}")
         args += [f"--data.init_args.{k}={v}" for k, v in s["data"].items()]
         if s["lr"] is not None:
             args.append(f"--optimizer.init_args.lr={s['lr']}")
@@ -88,9 +87,9 @@ def sweep(name: str, s: dict[str, Any], runs: Path) -> Path:
     return root
 
 
-def _epochs(run: Path) -> int:
-    """Epochs a run trained (the last logged epoch + 1)."""
-    return int(max(r.get("epoch", 0) for r in _runs.metrics(run))) + 1
+def _steps(run: Path) -> int:
+    """Optimizer steps a run trained (the last logged step)."""
+    return int(max(r.get("step", 0) for r in _runs.metrics(run)))
 
 
 def _clean(x: Any) -> Any:
@@ -110,7 +109,7 @@ def analyse(name: str, root: Path, s: dict[str, Any], out: Path) -> dict[str, An
         width = next(w for w in s["widths"] if (root / f"w{w}" / "hparams.yaml").exists()
                      and int(_runs.hparams(root / f"w{w}")["N"]) == g["N"])
         run = root / f"w{width}"
-        groups.append({**{k: _clean(v) for k, v in g.items()}, "width": width, "epochs": _epochs(run),
+        groups.append({**{k: _clean(v) for k, v in g.items()}, "width": width, "steps": _steps(run),
                        "seconds": _runs.seconds(run)})
     nstar = {k: _clean(v) for k, v in report["nstar"][0].items()}
     return {"groups": groups, "nstar": nstar, "figures": figures}
