@@ -3,11 +3,12 @@
 Samples per second for one epoch of the same model, optimizer and data, side by side:
 
 * ``overparam``: ``MnistFC``/``CifarCNN`` + ``MnistData``/``CifarData`` through a Lightning
-  ``Trainer`` (no logger, no checkpoint, no analysis callbacks);
+  ``Trainer`` (no logger, no checkpoint, no analysis callbacks): blocks of optimizer steps per
+  ``training_step`` (``overparam.data.STEPS_PER_BLOCK``), the Task's own per-step bookkeeping;
 * ``lightning``: a bare ``LightningModule`` (``training_step`` = forward + loss, nothing
-  logged) on the same DataModule: the Trainer's own cost, without overparam's metrics and checks;
+  logged, automatic optimisation) on the same resident batches: a plain Lightning loop;
 * ``manual1``/``manual4``/``manual16`` (not by default): the bare module with manual
-  optimisation and 1, 4 or 16 SGD steps per ``training_step`` (a design probe for task.py);
+  optimisation and 1, 4 or 16 SGD steps per ``training_step`` (the design task.py adopted);
 * ``resident``: a hand-written loop over the DataModule's device-resident tensors
   (``randperm``, index, forward, loss, backward, step);
 * ``dataloader``: the same loop fed by torchvision's ``MNIST``/``CIFAR10`` Dataset with
@@ -98,6 +99,33 @@ def run_overparam(make: Callable[[], tuple[pl.LightningModule, OverparamDataModu
     return timer.times[-1]
 
 
+class PlainBatches:
+    """One epoch of ``(x, y)`` batches of a DataModule's resident training split (bare modules)."""
+
+    def __init__(self, data: OverparamDataModule, batch_size: int) -> None:
+        self.data, self.batch_size = data, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.data.split("train")[0].shape[0] // self.batch_size)
+
+    def __iter__(self):
+        x, y = self.data.split("train")
+        order = torch.randperm(x.shape[0], device=x.device)
+        return ((x[i], y[i]) for i in order.split(self.batch_size))
+
+
+def run_bare(module: pl.LightningModule, data: OverparamDataModule, batch_size: int, device: torch.device, epochs: int) -> tuple[float, float]:
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+    )  # fmt: skip
+    data.trainer = trainer
+    data.setup()  # resident on the Trainer's device (the Trainer would do it for a DataModule)
+    trainer.fit(module, train_dataloaders=PlainBatches(data, batch_size))
+    return timer.times[-1]
+
+
 class BareModule(pl.LightningModule):
     """The least a LightningModule can do: forward, loss, the task's own optimizer."""
 
@@ -139,10 +167,8 @@ class ManualModule(BareModule):
 
 def run_lightning(make, device: torch.device, epochs: int, steps: int = 0) -> tuple[float, float]:
     task, data = make()
-    if not steps:
-        return run_overparam(lambda: (BareModule(task), data), device, epochs)
-    data.batch_size = data.batch_size * steps
-    return run_overparam(lambda: (ManualModule(task, steps), data), device, epochs)
+    module = ManualModule(task, steps) if steps else BareModule(task)
+    return run_bare(module, data, data.batch_size * max(steps, 1), device, epochs)
 
 
 def train_epoch(net: nn.Module, optimizer, loss_fn, batches) -> None:

@@ -45,7 +45,7 @@ def resolve_batch_size(batch_size: BatchSize, num_points: int, option: str = "da
 
 def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     """This rank's contiguous slice of ``indices`` (sizes differ by at most one)."""
-    return indices.tensor_split(world_size)[rank]
+    return indices if world_size == 1 else indices.tensor_split(world_size)[rank]
 
 
 class TrainStep(NamedTuple):

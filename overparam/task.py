@@ -38,9 +38,11 @@ from overparam.errors import ConfigError, DivergenceError, check_choice, check_p
 from overparam.functional import FunctionalView, ensemble_fn, module_fn, stack_members
 from overparam.losses import LOSS_NAMES, errors, get_loss
 from overparam.metrics import MemberMean
-from overparam.models import count_parameters
+from overparam.models import check_fits_in_memory, count_parameters
 
 SPLITS = ("train", "val", "test")
+#: training points whose outputs may wait for the block's batched error count (memory bound).
+PENDING_POINTS = 1 << 16
 
 
 class StepRecord(NamedTuple):
@@ -125,6 +127,8 @@ class Task(pl.LightningModule):
         )
         self._epoch_sums: dict[str, dict[str, Any]] = {}
         self._step_hooks: list[Any] = []
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # training (outputs, y, losses) not yet recorded
+        self._pending_points = 0
         self._mode_dependent = True
         self._direct = False
         # Blocks of several optimizer steps per training_step (overparam.data.TrainSteps).
@@ -143,6 +147,7 @@ class Task(pl.LightningModule):
         """Build the K members; subclasses call this at the end of their ``__init__``."""
         if self._built:
             return
+        check_fits_in_memory(self.make_network, self.ensemble_size, type(self).__name__)
         nets = []
         for k in range(self.ensemble_size):
             with torch.random.fork_rng(devices=[]):
@@ -208,9 +213,14 @@ class Task(pl.LightningModule):
         x, y = batch[0], batch[1]
         out = self.member_outputs(x)  # (K, B, C)
         per_sample = self.loss_fn(out, y, reduction="none")  # (K, B)
-        ensemble_errors = errors(out.mean(0), y) if self.ensemble_size > 1 else None
-        self.record(split, per_sample, errors(out, y), ensemble_errors)
+        if split != "train":  # training steps are recorded a block at a time (training_step)
+            self.record_outputs(split, out, y, per_sample)
         return self.batch_loss(per_sample, global_size), out, per_sample
+
+    def record_outputs(self, split: str, outputs: Tensor, y: Tensor, losses: Tensor) -> None:
+        """Add ``(K, B, C)`` outputs' errors and ``(K, B)`` losses (and the ensemble's errors) to the epoch sums."""
+        ensemble_errors = errors(outputs.mean(0), y) if self.ensemble_size > 1 else None
+        self.record(split, losses, errors(outputs, y), ensemble_errors)
 
     def batch_loss(self, per_sample: Tensor, global_size: Optional[int] = None) -> Tensor:
         """This rank's share of the global batch mean, summed over members (whose gradients stay apart).
@@ -240,6 +250,17 @@ class Task(pl.LightningModule):
             sums["ensemble_error"] = sums["ensemble_error"] + total if "ensemble_error" in sums else total
         sums["count"] += losses.shape[-1]
 
+    def epoch_means(self, split: str = "train") -> Optional[dict[str, float]]:
+        """Mean loss and 0/1 error (averaged over members) of this epoch's ``split`` so far, this rank.
+
+        For progress displays (one host sync); None before the epoch's first batch.
+        """
+        sums = self._epoch_sums.get(split)
+        if not sums or "loss_error" not in sums:
+            return None
+        loss, error = (sums["loss_error"].mean(-1) / sums["count"]).tolist()
+        return {"loss": loss, "error": error}
+
     def training_step(self, block: Sequence[TrainStep], block_idx: int) -> None:
         """Train a block of optimizer steps (``overparam.data.STEPS_PER_BLOCK``), one by one.
 
@@ -253,8 +274,16 @@ class Task(pl.LightningModule):
             if self.trainer.should_stop or 0 <= max_steps <= first + len(losses):
                 break
             losses.append(self.train_one_step(step, optimizer))
+        self._flush_train_records()
         if losses:
             self.check_finite(torch.stack(losses), first)
+
+    def _flush_train_records(self) -> None:
+        """Errors and sums of the pending training outputs, in one batched pass (not one per step)."""
+        if self._pending:
+            outputs, ys, losses = zip(*self._pending)
+            self._pending, self._pending_points = [], 0
+            self.record_outputs("train", torch.cat(outputs, 1), torch.cat(ys), torch.cat(losses, 1))
 
     def train_one_step(self, step: TrainStep, optimizer: Any) -> Tensor:
         """One optimizer step: forward and backward of every chunk, the step hooks, the update.
@@ -265,7 +294,7 @@ class Task(pl.LightningModule):
         step's loss on this rank (detached), for the divergence check.
         """
         optimizer.zero_grad(set_to_none=True)
-        outputs, losses, total = [], [], 0.0
+        outputs, losses, total = [], [], None
         for chunk in step.chunks:
             loss, out, per_sample = self._step(chunk, "train", step.global_size)
             if self._direct:
@@ -274,7 +303,11 @@ class Task(pl.LightningModule):
                 self.manual_backward(loss)
             outputs.append(out.detach())
             losses.append(per_sample.detach())
-            total = total + loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
+            self._pending.append((outputs[-1], chunk[1], losses[-1]))
+            self._pending_points += chunk[1].shape[0]
+        if self._pending_points > PENDING_POINTS:
+            self._flush_train_records()
         if self._step_hooks:
             record = StepRecord(self.global_step, self.current_epoch, step, tuple(outputs), tuple(losses), self._evaluates(step))
             for callback in self._step_hooks:

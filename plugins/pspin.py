@@ -258,17 +258,17 @@ class PSpinTask(Task):
 
     # --- steps -------------------------------------------------------------------------------
     def _step(self, batch: Sequence[Tensor], split: str, global_size: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch[0], batch[1]
-        out = self.member_outputs(x)
-        per_sample = self.loss_fn(out, y, reduction="none")  # (K, B)
-        # no 0/1 error for an energy
-        ensemble_errors = torch.zeros_like(per_sample[0]) if self.ensemble_size > 1 else None
-        self.record(split, per_sample, torch.zeros_like(per_sample), ensemble_errors)
+        loss, out, per_sample = super()._step(batch, split, global_size)
         if split == "train":
             self._full_batch = global_size == self.num_train
             if self._full_batch:  # the energy per spin of each member at this step's spins (chunks add up)
                 self._batch_energy = self._batch_energy + all_reduce_sum(per_sample.detach().sum(-1).double() / global_size)
-        return self.batch_loss(per_sample, global_size), out, per_sample
+        return loss, out, per_sample
+
+    def record_outputs(self, split: str, outputs: Tensor, y: Tensor, losses: Tensor) -> None:
+        """Energies only: an energy has no 0/1 error (recorded as 0)."""
+        zeros = torch.zeros_like(losses)
+        self.record(split, losses, zeros, zeros[0] if self.ensemble_size > 1 else None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the gradient on the tangent space; judge halting when it is the full gradient."""
