@@ -59,7 +59,8 @@ class ConstraintCounter(AnalysisCallback):
         stop_when_jammed: set ``trainer.should_stop`` once every member is SAT or jammed.
         min_rel_decrease: a run improves while its lowest loss falls below ``(1 - this)`` times
             its value at half the steps (``overparam.constraints.JammingVerdict``). Default 1e-3.
-        min_plateau_steps: no jammed verdict before this many steps. Default 1000.
+        min_plateau_steps: no jammed verdict before this many steps. Default 1000. Nor while a
+            ``ReduceLROnPlateau`` learning-rate schedule is above its ``min_lr`` (the endgame).
         gap_tol: Delta above this counts as unsatisfied (None: ``1024 eps`` of the network's
             dtype, ``overparam.constraints.gap_tolerance``).
         bins: log-spaced |Delta| bins of the saved histograms. Default: 60.
@@ -230,7 +231,7 @@ class ConstraintCounter(AnalysisCallback):
         else:
             result = self.count(trainer, pl_module, pairs, histograms=saving)
             rows = [[n, loss / P] for n, _, loss, P in result["sums"].tolist()]  # one host transfer
-        status = self._verdict(len(rows)).update(step, [r[0] for r in rows], [r[1] for r in rows])
+        status = self._verdict(len(rows)).update(step, [r[0] for r in rows], [r[1] for r in rows], _annealing(trainer))
         stop = self._should_stop()
         if quick and status == before and not stop:
             return
@@ -330,6 +331,17 @@ class ConstraintCounter(AnalysisCallback):
         super().load_state_dict(state_dict)
         self._verdict_state, self.verdict = state_dict.get("verdict"), None
         self.logged = int(state_dict.get("logged", 0))
+
+
+def _annealing(trainer: pl.Trainer) -> bool:
+    """Whether a ReduceLROnPlateau schedule still has learning rates above its floor (``min_lr``)."""
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            groups = scheduler.optimizer.param_groups
+            if any(g["lr"] > floor * (1 + 1e-9) + scheduler.eps for g, floor in zip(groups, scheduler.min_lrs)):
+                return True
+    return False
 
 
 def _gather_points(values: Tensor) -> Tensor:

@@ -23,7 +23,9 @@ Delta^2 / 2 over P points, is a finite number at a minimum).
 **The verdict** (``JammingVerdict``): SAT when N_Delta = 0 (at the tolerance); jammed only when
 a run has stopped improving over the whole second half of its steps: neither has its lowest
 N_Delta fallen, nor has its lowest loss dropped by a factor ``1 - min_rel_decrease``, since
-step t / 2 (and t is at least ``min_plateau_steps``). A fixed number of checks without
+step t / 2 (and t is at least ``min_plateau_steps``), and its optimiser has finished its
+endgame (a learning rate annealed on plateaus has reached its floor: at a constant lr Adam
+circles a jammed minimum, 2% above it, and a stall there is not yet the minimum). A fixed number of checks without
 improvement is meaningless for runs of 10^4-10^5 steps whose loss still falls like a power
 law: with a window that grows with the run, a loss ~ t^-a is called a plateau only if
 ``2^-a > 1 - min_rel_decrease`` (a < 0.0014 at the default 1e-3), while a jammed run, which
@@ -128,15 +130,20 @@ class JammingVerdict:
         marks = self.milestones[k]
         return 0.0 if not marks else max(marks[-1][0] * 2**0.25, marks[-1][0] + 1)
 
-    def update(self, step: int, N_delta: Sequence[float], loss: Sequence[float]) -> list[str]:
-        """Add the counts of ``step``; returns the per-member status."""
+    def update(self, step: int, N_delta: Sequence[float], loss: Sequence[float], annealing: bool = False) -> list[str]:
+        """Add the counts of ``step``; returns the per-member status.
+
+        ``annealing``: the optimiser's endgame is still under way (a learning rate above the
+        floor of its annealing schedule): no member is called jammed yet, whatever its loss does.
+        """
         for k, (n, value) in enumerate(zip(N_delta, loss)):
             self.best_N_delta[k] = min(self.best_N_delta[k], n)
             self.best_loss[k] = min(self.best_loss[k], value)
             self.last[k] = {"step": int(step), "N_delta": float(n), "loss": float(value)}
             if step >= self._next_milestone(k):
                 self.milestones[k].append((int(step), self.best_N_delta[k], self.best_loss[k]))
-            self.status[k] = SAT if n == 0 else (JAMMED if self._plateau(k, step) else RUNNING)
+            jammed = not annealing and self._plateau(k, step)
+            self.status[k] = SAT if n == 0 else (JAMMED if jammed else RUNNING)
         return list(self.status)
 
     def _plateau(self, k: int, step: int) -> bool:

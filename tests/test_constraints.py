@@ -186,6 +186,23 @@ def test_a_run_still_descending_is_never_jammed_and_a_plateau_is():
     assert 2 * 2_000 < first < 2 * 5_000, first  # about twice the steps the loss needed to settle
     sat = JammingVerdict(2)
     assert sat.update(5, [0.0, 3.0], [0.0, 0.2]) == [SAT, RUNNING] and not sat.done()
+    endgame = JammingVerdict(1, min_plateau_steps=10)
+    assert [endgame.update(t, [4.0], [0.1], annealing=True)[0] for t in range(100)][-1] == RUNNING
+    assert endgame.update(100, [4.0], [0.1]) == [JAMMED]  # the lr reached its floor: the same plateau jams
+
+
+def test_no_jammed_verdict_while_reduce_lr_on_plateau_is_above_its_floor(tmp_path):
+    task, data = make(P=40, width=1, lr=0.05)  # N = 7 < P: cannot fit 40 random labels
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2, min_lr=0.05 * 0.5**3)
+    scheduler.monitor = "constraints/loss"
+    task.configure_optimizers = lambda: {"optimizer": optimizer, "lr_scheduler": scheduler}
+    data.passes_per_epoch = 100
+    counter = ConstraintCounter(every_n_epochs=None, every_n_steps=1, stop_when_jammed=True, min_plateau_steps=50)
+    trainer = fit(task, data, [counter], max_epochs=200, tmp_path=tmp_path, log_every_n_steps=100)
+    assert counter.status == ["jammed"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**3), "jammed only at the lr floor"
+    assert trainer.current_epoch < 200
 
 
 def test_jammed_stop_on_a_plateau_with_unsatisfied_constraints(tmp_path):
