@@ -168,7 +168,7 @@ def make_batch_hvp(batch_loss: BatchLoss, mode: str, cache_bytes: int = DEFAULT_
     raise ValueError(f"hvp mode must be one of {', '.join(HVP_MODES[1:])}; got {mode!r}")
 
 
-def sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> None:
     """Wait for the device's queued work (a timer must not stop before it)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -180,10 +180,10 @@ class HVPChooser:
     Product i of the operator is computed by ``schedule[i]``: each candidate once, timed, after
     an untimed first product for those whose first call costs more than the rest (``compiled``
     compiles, ``double_backward`` builds the graphs it keeps); the operator reports each
-    product's wall time with ``record``. After the schedule the fastest mode is ``mode`` for good. A candidate that
-    fails for lack of forward-mode AD is marked ``inf`` and the product goes on with the next
-    candidate; the schedule's length never changes, so under DDP every rank reaches the choice
-    (a broadcast of rank 0's) at the same product.
+    product's wall time with ``record``. After the schedule the fastest mode is ``mode`` for
+    good. A candidate that fails for lack of forward-mode AD is marked ``inf`` and the product
+    goes on with the next candidate; the schedule's length never changes, so under DDP every
+    rank reaches the choice (a broadcast of rank 0's) at the same product.
 
     Args:
         batch_loss: ``(params, x, y) -> summed loss`` of one batch.
@@ -241,7 +241,8 @@ class HVPChooser:
             self.mode = self._choose()
 
     def _choose(self) -> str:
-        best = min(self.built, key=lambda m: self.timings.get(m, float("inf")))
+        working = [m for m in self.built if m not in self.failures]
+        best = min(working, key=lambda m: self.timings.get(m, float("inf")))
         # Under DDP the ranks' timings differ: rank 0's choice wins (an empty shard times nothing).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             choice = [best]
@@ -261,5 +262,5 @@ def timed_product(product: Callable[[], Tensor], device: torch.device) -> tuple[
     """``(product(), seconds)``, the device synchronised before the clock stops."""
     start = time.perf_counter()
     out = product()
-    sync(device)
+    _sync(device)
     return out, time.perf_counter() - start

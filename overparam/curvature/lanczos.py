@@ -65,16 +65,18 @@ class ConvergenceWarning(UserWarning):
 def default_max_basis(k: int) -> int:
     """Vectors kept at most (memory: ``max_basis * N`` numbers): ``max(3k + 50, 100)``.
 
-    Measured on the Hessians of trained MNIST nets (docs/curvature.md: MLP N = 89,610, CNN
-    N = 23,946, BatchNorm CNN N = 24,170; float32, tol 1e-6): with 100 vectors and thick restart
-    their bottom-10 converged in 269, 120 and 97 products, right to 5e-8 |lambda_1| (the MLP: 186
-    without restart, 347 with 60 vectors). Their top-10 converge in 31-44, before any restart.
+    Measured by ``benchmarks/curvature_trust.py`` on trained MNIST nets (MLP N = 89,610, CNN
+    N = 23,946, BatchNorm CNN N = 24,170; float32, tol 1e-6): with 100 vectors their bottom-10
+    converged in 177, 93 and 92 products, right to 7e-8 |lambda_1| (40 steps, the old default,
+    left them 2e-2, 7e-3 and 4e-3 off). In an earlier training of the same MLP the bottom-10 took
+    186 products without restart, 269 with 100 vectors and 347 with 60. The top-10 converge in
+    23-34 products, before any restart.
     """
     return max(3 * k + 50, 100)
 
 
 def default_max_steps(k: int) -> int:
-    """The product budget: ``max(40k, 600)``, over twice the most the measured bottom-10 needed.
+    """The product budget: ``max(40k, 600)``, over twice the most the measured bottom-10 needed (269).
 
     See ``default_max_basis`` for the measurement. A run that converges stops early and costs
     only the products it used; one that does not is flagged and warned about.
@@ -342,8 +344,8 @@ def eigsh(
         raise ValueError(f"k must be in 1..{dim}; got {k}")
     budget = max(max_steps or default_max_steps(k), k)
     capacity = min(dim, max(max_basis or default_max_basis(k), k + 2))
-    # Kept at a restart: the k wanted and a fifth of the rest. Measured on the bottom-10 of the
-    # trained MLP of docs/curvature.md at 100 vectors: keeping 15-30% of the rest took 260-275
+    # Kept at a restart: the k wanted and a fifth of the rest. Measured on the bottom-10 of a
+    # trained MLP (default_max_basis) at 100 vectors: keeping 15-30% of the rest took 260-275
     # products, 50% 297, 85% 403 (each cycle then adds too few new directions), none 300.
     keep = min(k + (capacity - k) // 5, capacity - 1)
     krylov = _Krylov(matvec, start_vector(dim, v0, seed, dtype, device), capacity, seed)

@@ -19,7 +19,8 @@ probe average -- a moment (``moment_stderr``), the density at a point (``density
 of 10 probes on known 300 x 300 spectra (moments 1-4): 92-93% on a bulk without outliers (the
 t distribution with 9 degrees of freedom gives 92.4%), 89-90% with 10 outliers, 82-87% with 3,
 where a few outliers make each probe's estimate skewed (a scaled chi-square with few degrees of
-freedom); with 30 probes 93-96%, 94-97% and 91-92%. Tested on the 10-outlier spectrum.
+freedom); with 30 probes 93-96%, 94-97% and 91-92%. Tested on the bulk and on the 10-outlier
+spectrum (100 seeds).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from overparam.curvature.lanczos import MatVec, lanczos
 DEFAULT_STEPS = 90
 #: probes. Default 10. One probe's estimate of tr(H^j)/N has variance
 #: 2 (||H^j||_F^2 - sum_i (H^j)_ii^2) / N^2 (Hutchinson 1990; Avron & Toledo 2011), which the few
-#: outliers of a trained net's Hessian dominate: the measured probe-to-probe relative standard
-#: deviation of moments 1-4 was 0.19-0.55 (MLP), 0.54-0.65 (CNN), 0.37-0.90 (BatchNorm CNN) on
-#: the trained MNIST nets of docs/curvature.md, so one probe (the old default, after Ghorbani et
-#: al. 2019, whose concentration argument is about the bulk's shape, not its moments) is off by
-#: 20-120% (issue 13). Ten give relative SEs of 6-17%, 17-21% and 12-29%, and ``moment_stderr``
-#: states them; raise it when they matter more than the cost (``num_probes * num_steps``).
+#: outliers of a trained net's Hessian dominate: the probe-to-probe relative standard deviation of
+#: moments 1-4 measured by ``benchmarks/curvature_trust.py`` (20 probes) was 0.19-1.27 (MLP),
+#: 0.48-0.91 (CNN) and 0.49-1.05 (BatchNorm CNN), so one probe (the old default, after Ghorbani
+#: et al. 2019, whose concentration argument is about the bulk's shape, not its moments) is off by
+#: 20-120% (issue 13). Ten give relative standard errors of 6-40%, 15-29% and 15-33% (moment 1 to
+#: 4), at 10x the products of one, and ``moment_stderr`` states them; raise it when the moments
+#: matter more than the cost (``num_probes * num_steps`` products).
 DEFAULT_PROBES = 10
 
 
