@@ -572,7 +572,8 @@ def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float 
             source = f"SLQ, {n_probes} probe{'s' if n_probes > 1 else ''} x {steps} Lanczos steps"
             if n_probes > 1:
                 band = 2 * per_probe.std(0) / n_probes**0.5
-                ax.stairs((counts + band).numpy(), bins.numpy(), baseline=(counts - band).clamp_min(0).numpy(), color=color, alpha=0.15, fill=True)
+                low = (counts - band).clamp_min(0).numpy()
+                ax.stairs((counts + band).numpy(), bins.numpy(), baseline=low, color=color, alpha=0.15, fill=True)
                 source += ", band +-2 SE"
         else:
             counts = torch.histogram(torch.tensor(e["eigenvalues"], dtype=torch.float64), bins).hist
@@ -582,8 +583,8 @@ def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float 
         n_out = count_outliers(e["eigenvalues"], outlier_ratio)
         for i, lam in enumerate(e["eigenvalues"][:n_out]):
             ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outlier{'s' if n_out > 1 else ''}" if i == 0 else None)
-        converged = e.get("converged")
-        status = f"top-{len(e['eigenvalues'])} converged" if converged is None or all(converged) else f"{sum(not c for c in converged)} of the top-{len(e['eigenvalues'])} NOT converged"
+        k, missing = len(e["eigenvalues"]), sum(not c for c in e.get("converged", []))
+        status = f"{missing} of the top-{k} NOT converged" if missing else f"top-{k} converged"
         caption.append(f"{e['tag']}: {source}; {status}")
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue of the Hessian")

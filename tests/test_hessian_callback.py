@@ -117,7 +117,8 @@ def test_spectrum_matches_the_dense_hessian_and_leaves_training_untouched(tmp_pa
 
 def test_unconverged_eigenvalues_are_flagged_and_warned_about(tmp_path):
     callback = HessianSpectrum(top_k=4, bottom_k=3, lanczos_steps=4, density=False, trace_probes=0, at_fit_start=False)
-    with pytest.warns(UserWarning, match=r"HessianSpectrum \(end\): eigenvalues not converged to tol = 1e-06: top: \d.*bottom: 3 .*lanczos_steps"):
+    message = r"HessianSpectrum \(end\): eigenvalues not converged to tol = 1e-06: top: \d.*bottom: 3 .*lanczos_steps"
+    with pytest.warns(UserWarning, match=message):
         trainer, _, _ = _fit(tmp_path, [callback])
     arrays = np.load(f"{trainer.log_dir}/hessian/end.npz")
     assert not np.all(arrays["converged"] == 1) and np.all(arrays["bottom_converged"] == 0)
