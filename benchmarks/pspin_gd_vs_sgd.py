@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from overparam.callbacks.batch_size import BatchSizeSwitch
-from overparam.plugins.pspin import PSpinData, PSpinTask, threshold_energy
+from overparam.plugins.pspin import PSpinData, PSpinTask
+from overparam.pspin import threshold_energy
 
 
 def run(N: int, seed: int, starts: int, batch, sgd_epochs: int, passes: int, lr: float) -> dict:

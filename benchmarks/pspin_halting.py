@@ -20,7 +20,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from overparam.plugins.pspin import GROUND_STATE, PSpinData, PSpinTask, threshold_energy
+from overparam.plugins.pspin import PSpinData, PSpinTask
+from overparam.pspin import GROUND_STATE, threshold_energy
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 

@@ -13,12 +13,9 @@ import torch
 
 from overparam.curvature.exact import dense_hessian
 from overparam.errors import ConfigError
-from overparam.plugins.pspin import (
+from overparam.plugins.pspin import HaltingEnergies, PSpinData, PSpinTask, SphericalHessian
+from overparam.pspin import (
     GROUND_STATE,
-    HaltingEnergies,
-    PSpinData,
-    PSpinTask,
-    SphericalHessian,
     coupling_rows,
     couplings,
     energy_and_gradient,
