@@ -6,10 +6,13 @@ buffers, so ``torch.func.functional_call`` and ``vmap`` apply (ensembles, curvat
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import os
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from overparam.errors import ConfigError
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -72,6 +75,54 @@ class FullyConnected(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """N: the number of trainable scalars of one network (buffers and frozen weights excluded)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+#: Bytes per trainable parameter that training needs at the least: the weight, its gradient
+#: and one optimizer state (SGD's momentum), in float32. A floor: activations, Adam's second
+#: state and float64 come on top.
+TRAINING_BYTES_PER_PARAMETER = 3 * 4
+
+
+def available_memory() -> Optional[int]:
+    """Bytes the system can hand out now (``MemAvailable`` of ``/proc/meminfo``), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(make_network: Callable[[], nn.Module], members: int, task: str) -> None:
+    """Refuse a network too large to train here before any of it is allocated.
+
+    The network is built on the ``meta`` device (shapes only), so N costs nothing to learn even
+    for a billion parameters; ``members`` copies need ``TRAINING_BYTES_PER_PARAMETER`` each.
+
+    Raises:
+        ConfigError: that floor exceeds the memory available now.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            N = count_parameters(make_network())
+    except (NotImplementedError, RuntimeError):
+        return  # an op without a meta kernel: the real build below reports any real problem
+    need, available = N * members * TRAINING_BYTES_PER_PARAMETER, available_memory()
+    if available is not None and need > available:
+        raise ConfigError(
+            f"model: {task} would have N = {N:,} parameters per member (K = {members}); training needs at least "
+            f"{_gigabytes(need)} (weights, gradients, momentum in float32), more than the {_gigabytes(available)} "
+            "of memory available; choose a smaller network (e.g. model.width)"
+        )
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
 
 
 class ConvNet(nn.Module):
