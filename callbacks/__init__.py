@@ -6,6 +6,7 @@ from overparam.callbacks.constraints import ConstraintCounter
 from overparam.callbacks.ensemble import EnsembleEvaluation
 from overparam.callbacks.gradient_noise import GradientNoise
 from overparam.callbacks.hessian import HessianSpectrum
+from overparam.callbacks.progress import MetricsProgressBar, ProgressLines
 
 __all__ = [
     "BatchSizeSwitch",
@@ -14,4 +15,6 @@ __all__ = [
     "GradientNoise",
     "HessianSpectrum",
     "InterpolationBarrier",
+    "MetricsProgressBar",
+    "ProgressLines",
 ]
