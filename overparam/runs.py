@@ -1,0 +1,105 @@
+"""What a run leaves behind, read back: its checkpoint, its folder, its ``metrics.csv``.
+
+A run folder (``<default_root_dir>/<task>/version_N/``) holds ``config.yaml``,
+``hparams.yaml``, ``metrics.csv`` and ``checkpoints/last.ckpt``. These helpers turn every way a
+given checkpoint can be wrong (missing, truncated, not a checkpoint) into one ``ConfigError``
+line, find the folder a checkpoint belongs to (a resumed run continues there), and cut the
+rows a resumed run will log again out of its ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from overparam.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT_FOLDER = "checkpoints"
+
+
+def read_checkpoint(path: Union[str, Path], option: str = "--ckpt_path") -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, or a one-line ConfigError saying what is wrong with it.
+
+    Loaded with ``weights_only=True``, as LightningCLI and the Trainer load it, so a file this
+    accepts is one they accept.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, truncated or not a Lightning checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{option}: {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{option}: {path} is not a file (give a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no directory
+            raise ConfigError(f"{option}: {path} is not a readable checkpoint (not a complete PyTorch file: truncated, or another kind of file)") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{option}: {path} is not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{option}: {path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def run_folder(checkpoint: Union[str, Path]) -> Optional[Path]:
+    """The run folder ``<run>`` of ``<run>/checkpoints/X.ckpt`` when it holds ``config.yaml``, else None."""
+    path = Path(checkpoint).resolve()
+    if path.parent.name != CHECKPOINT_FOLDER:
+        return None
+    folder = path.parent.parent
+    return folder if (folder / CONFIG_FILE).is_file() else None
+
+
+def cut_metrics_after(folder: Union[str, Path], epoch: int, global_step: int) -> int:
+    """Drop the rows of ``<folder>/metrics.csv`` left by training after a checkpoint.
+
+    A run resumed from the checkpoint of epoch ``epoch`` (``global_step`` updates done) trains
+    again whatever followed it and logs it again; rows of that lost training (a kill between
+    two checkpoints) would repeat. Lost rows are the training and validation rows of a later
+    epoch (Lightning's rows carry the epoch, and a step that counts blocks of steps) and rows
+    logged at a later optimizer step without an epoch (the analysis callbacks'). Evaluations
+    after training (``test/*``, ``final/*``) stay: they follow only a finished run, whose last
+    checkpoint is this one. Rewritten atomically. Returns the number of rows dropped.
+    """
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+
+    def lost(row: dict[str, str]) -> bool:
+        if row.get("epoch"):
+            trains = any(value and name.startswith(("train/", "val/")) for name, value in row.items())
+            return float(row["epoch"]) > epoch and trains
+        return bool(row.get("step")) and float(row["step"]) > global_step
+
+    kept = [row for row in rows if not lost(row)]
+    if len(kept) == len(rows):
+        return 0
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+def metrics_header(folder: Union[str, Path]) -> list[str]:
+    """The column names of ``<folder>/metrics.csv`` (empty when there is none)."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
