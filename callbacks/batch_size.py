@@ -2,8 +2,8 @@
 
 The batch size is a pure function of where training is: ``size(epoch)`` for an epoch schedule,
 ``size(step)`` for a step schedule (step = optimizer steps done, Lightning's ``global_step``).
-The callback installs that function as the DataModule's ``batch_size_at``, which the resident
-loader reads when it plans an epoch, so
+The callback installs that function with the DataModule's ``schedule_batches``; the resident
+loader reads it when it plans an epoch, so
 
 * an epoch switch lands exactly on the first batch of that epoch, and a step switch exactly on
   that optimizer step, even in the middle of an epoch: the loader cuts the rest of the epoch's
@@ -136,14 +136,13 @@ class BatchSizeSwitch(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the schedule in the DataModule before the first loader is built."""
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "batch_size_at"):
+        if datamodule is None or not hasattr(datamodule, "schedule_batches"):
             raise ConfigError("BatchSizeSwitch needs an overparam DataModule (a subclass of OverparamDataModule)")
         self._default = datamodule.batch_size
         self._num_train = datamodule.split("train")[0].shape[0]
         # The epoch's first global step is read when the loader plans the epoch (after a resume
         # Lightning has restored global_step and current_epoch by then).
-        datamodule.batch_size_at = lambda i: self.size_at(trainer.current_epoch, trainer.global_step + i)
-        datamodule.train_chunk_size = self.chunk_size
+        datamodule.schedule_batches(lambda i: self.size_at(trainer.current_epoch, trainer.global_step + i), self.chunk_size)
         if trainer.reload_dataloaders_every_n_epochs != 1:
             rank_zero_info("BatchSizeSwitch: setting reload_dataloaders_every_n_epochs = 1 so each epoch is re-planned")
             trainer.reload_dataloaders_every_n_epochs = 1

@@ -228,13 +228,8 @@ class OverparamDataModule(pl.LightningDataModule):
             runs (jamming) set 100 or more, so the once-per-epoch work (metrics, checkpoint,
             validation, epoch-scheduled analyses) is paid once per that many steps.
 
-    Attributes set by ``BatchSizeSwitch`` (None otherwise): ``batch_size_at`` (global size of
-    the i-th training step of the coming epoch) and ``train_chunk_size`` (global batches
-    larger than this are trained in chunks that accumulate into one step).
+    A batch-size schedule (``BatchSizeSwitch``) is installed with ``schedule_batches``.
     """
-
-    batch_size_at: Optional[Callable[[int], BatchSize]] = None
-    train_chunk_size: Optional[int] = None
 
     def __init__(
         self,
@@ -258,6 +253,20 @@ class OverparamDataModule(pl.LightningDataModule):
         self.analysis_size = analysis_size
         self.passes_per_epoch = passes_per_epoch
         self.splits: dict[str, Batch] = {}
+        self._size_at: Optional[Callable[[int], BatchSize]] = None
+        self._chunk_size: Optional[int] = None
+
+    def schedule_batches(self, size_at: Optional[Callable[[int], BatchSize]], chunk_size: Optional[int] = None) -> None:
+        """Train with a batch-size schedule from the next epoch on.
+
+        Args:
+            size_at: ``i -> global batch size`` (an int or ``"full"``) of the coming epoch's
+                i-th optimizer step, read when the epoch is planned (so a switch can land on an
+                exact step mid-epoch); None: ``batch_size`` throughout.
+            chunk_size: global batches larger than this are trained in chunks whose gradients
+                accumulate into one step (exact GD in bounded memory); None: no chunks.
+        """
+        self._size_at, self._chunk_size = size_at, chunk_size
 
     # --- what subclasses provide -------------------------------------------------------------
     def load_splits(self) -> dict[str, Batch]:
@@ -350,16 +359,16 @@ class OverparamDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _size_of_step(self, i: int) -> int:
-        if self.batch_size_at is None:
+        if self._size_at is None:
             return self.current_batch_size()
-        return resolve_batch_size(self.batch_size_at(i), self.split("train")[0].shape[0])
+        return resolve_batch_size(self._size_at(i), self.split("train")[0].shape[0])
 
     def train_dataloader(self) -> TrainSteps:
         x, y = self.split("train")
         rank, world = self._rank_and_world()
         return TrainSteps(
             x, y, self._size_of_step, self.seed, self._current_epoch, self.passes_per_epoch, rank, world,
-            chunk_size=self.train_chunk_size, transform=self.train_transform if self.augments else None,
+            chunk_size=self._chunk_size, transform=self.train_transform if self.augments else None,
         )  # fmt: skip
 
     def _eval_loader(self, name: str) -> EvalBatches:

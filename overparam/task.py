@@ -21,7 +21,7 @@ Writing a task::
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -103,7 +103,6 @@ class Task(pl.LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
-        check_choice("model.loss", loss, LOSS_NAMES)
         check_positive("model.lr", lr)
         check_positive("model.momentum", momentum, allow_zero=True)
         check_positive("model.weight_decay", weight_decay, allow_zero=True)
@@ -113,8 +112,7 @@ class Task(pl.LightningModule):
         self.input_shape = tuple(input_shape)
         self.num_outputs = num_outputs
         self.num_train = num_train
-        self.loss_name = loss
-        self.loss_fn = get_loss(loss)
+        self.loss_name, self.loss_fn = self.make_loss(loss)
         self.ensemble_size = ensemble_size
         self.init_seed = init_seed
         self._built = False
@@ -133,6 +131,15 @@ class Task(pl.LightningModule):
         self._direct = False
         # Blocks of several optimizer steps per training_step (overparam.data.TrainSteps).
         self.automatic_optimization = False
+
+    def make_loss(self, name: str) -> tuple[str, Callable[..., Tensor]]:
+        """``(name, loss_fn)`` of the ``loss`` argument, one of ``overparam.losses``.
+
+        A task whose loss is its own (p-spin's energy) overrides this. ``loss_fn(outputs, y,
+        reduction)`` takes ``(..., B, C)`` outputs; ``reduction="none"`` gives ``(..., B)``.
+        """
+        check_choice("model.loss", name, LOSS_NAMES)
+        return name, get_loss(name)
 
     # --- the network ------------------------------------------------------------------------
     @property

@@ -164,9 +164,8 @@ class PSpinTask(Task):
         init_seed: int = 0,
         halt_tol: float = 1e-4,
     ) -> None:
-        # "mse" only satisfies the base's loss check; the loss is replaced by energy_loss below.
         super().__init__(
-            input_shape=input_shape, num_outputs=num_outputs, num_train=num_train, loss="mse", lr=lr,
+            input_shape=input_shape, num_outputs=num_outputs, num_train=num_train, lr=lr,
             momentum=momentum, weight_decay=0.0, ensemble_size=ensemble_size, init_seed=init_seed,
         )
         self.hparams.pop("loss", None)
@@ -175,7 +174,6 @@ class PSpinTask(Task):
         self.spins_N, self.p = num_train, _order_from_shape(input_shape, num_train)
         if num_outputs != 1:
             raise ConfigError(f"model.num_outputs must be 1 for the p-spin task (an energy), got {num_outputs}")
-        self.loss_name, self.loss_fn = "energy", energy_loss
         self.halt_tol = halt_tol
         K = ensemble_size
         self.register_buffer("halt_step", torch.full((K,), -1, dtype=torch.long))  # -1: still running
@@ -185,6 +183,10 @@ class PSpinTask(Task):
         self._batch_energy: Union[Tensor, float] = 0.0
         self._full_batch = False
         self.setup_network()
+
+    def make_loss(self, name: str) -> tuple[str, Any]:
+        """The energy: a point's loss is its share of H / N (``overparam.pspin.energy_loss``)."""
+        return "energy", energy_loss
 
     def make_network(self) -> nn.Module:
         return SpinVector(self.spins_N, self.p)
