@@ -1,9 +1,11 @@
-"""Whole image datasets as uint8 tensors: torchvision's loaders, decoded once, cached as ``.pt``.
+"""Whole image datasets as uint8 tensors: decoded once from the official files, cached as ``.pt``.
 
 ``load_mnist`` and ``load_cifar10`` return ``{"train": (x, y), "test": (x, y)}`` with ``x``
-uint8 ``(n, channels, height, width)`` and ``y`` int64 class indices, on the CPU. The first
-call goes through torchvision's real dataset classes (which verify md5 checksums, download
-when allowed and extract); the decoded tensors are then saved as
+uint8 ``(n, channels, height, width)`` and ``y`` int64 class indices, on the CPU. MNIST is read
+straight from its four official files (each ``.gz`` checked against the official md5 and
+decompressed in memory, so a read-only folder of ``.gz`` files works; torchvision only
+downloads what is missing or corrupt); CIFAR-10 goes through torchvision's dataset class
+(md5 checks, download, extraction). The decoded tensors are then saved as
 ``overparam-uint8-{split}.pt`` beside the raw files, or under ``<root>/overparam-cache/`` when
 that folder is read-only. Later calls read the cache (a fraction of a second) as long as the
 raw files keep their names, sizes and modification times.
@@ -11,15 +13,18 @@ raw files keep their names, sizes and modification times.
 The root is ``data_dir`` when given, else ``$OVERPARAM_DATA_DIR``, else a user cache folder
 (``$XDG_CACHE_HOME/overparam/data``, default ``~/.cache/overparam/data``). Offline with no
 data, or with files that fail the checksum, loading ends with one ``ConfigError`` line that
-says where the files were looked for and how to get them.
+says which file is missing or corrupt, where it was looked for and how to get it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import io
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -136,31 +141,157 @@ def _first_line(exc: Exception) -> str:
 
 
 # --- MNIST ------------------------------------------------------------------------------------
+# IDX headers (LeCun et al.'s format): big-endian int32 magic number, then one int32 per dimension.
+IDX_IMAGES, IDX_LABELS = 2051, 2049
+
+
+def _mnist_files() -> list[tuple[str, str]]:
+    """``(name.gz, md5)`` of the four official files, as torchvision lists them."""
+    from torchvision.datasets import MNIST
+
+    return list(MNIST.resources)
+
+
+def _idx_size(header: bytes) -> Optional[int]:
+    """The byte size an IDX file with this header must have, None when it is not MNIST's IDX."""
+    if len(header) < 8:
+        return None
+    magic, count = struct.unpack(">ii", header[:8])
+    if magic == IDX_LABELS:
+        return 8 + count
+    if magic == IDX_IMAGES and len(header) >= 16:
+        rows, cols = struct.unpack(">ii", header[8:16])
+        return 16 + count * rows * cols
+    return None
+
+
+def _idx_intact(path: Path) -> bool:
+    """An extracted IDX file whose size matches its header (a truncated copy does not)."""
+    with open(path, "rb") as f:
+        header = f.read(16)
+    return _idx_size(header) == path.stat().st_size
+
+
+def _decode_idx(blob: bytes, source: Path) -> Tensor:
+    """``(n, 1, 28, 28)`` uint8 images or ``(n,)`` int64 labels from the bytes of an IDX file."""
+    if _idx_size(blob[:16]) != len(blob):
+        raise ConfigError(f"MNIST file {source} is damaged (its size does not match its header); replace it with the official file")
+    magic, count = struct.unpack(">ii", blob[:8])
+    if magic == IDX_LABELS:
+        return torch.frombuffer(bytearray(blob[8:]), dtype=torch.uint8).long()
+    rows, cols = struct.unpack(">ii", blob[8:16])
+    return torch.frombuffer(bytearray(blob[16:]), dtype=torch.uint8).view(count, 1, rows, cols)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mnist_problems(folder: Path) -> dict[str, str]:
+    """File name -> what is wrong, for every official file neither intact as ``.gz`` nor extracted."""
+    problems = {}
+    for gz_name, md5 in _mnist_files():
+        gz, extracted = folder / gz_name, folder / gz_name.removesuffix(".gz")
+        if gz.is_file() and _md5(gz) == md5:
+            continue
+        if extracted.is_file() and _idx_intact(extracted):
+            continue
+        problems[gz_name] = "corrupt (md5 differs from the official file: truncated or altered)" if gz.is_file() else "missing"
+    return problems
+
+
+def _download_mnist(folder: Path, names: list[str]) -> Optional[str]:
+    """Fetch the named official files into ``folder`` (torchvision's mirrors, md5-checked);
+    returns None, or the first line of the last failure."""
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import download_url
+
+    md5s = dict(MNIST.resources)
+    failure = None
+    for name in names:
+        for mirror in MNIST.mirrors:
+            try:
+                _quiet(lambda: download_url(f"{mirror}{name}", str(folder), name, md5s[name]))
+                failure = None
+                break
+            except (RuntimeError, OSError, ValueError) as exc:  # URLError is an OSError
+                failure = _first_line(exc)
+        if failure:
+            return failure
+    return None
+
+
+def _read_mnist_file(folder: Path, gz_name: str, md5: str) -> Tensor:
+    """One official file, decoded: from the verified ``.gz`` when there is one, else the extracted copy.
+
+    An extracted copy beside an intact ``.gz`` that is damaged (e.g. truncated by a full disk)
+    is rebuilt from the ``.gz`` when the folder may be written, and ignored otherwise.
+    """
+    gz, extracted = folder / gz_name, folder / gz_name.removesuffix(".gz")
+    if gz.is_file() and _md5(gz) == md5:
+        with gzip.open(gz, "rb") as f:
+            blob = f.read()
+        if extracted.is_file() and not _idx_intact(extracted) and _writable(folder):
+            tmp = extracted.with_name(f"{extracted.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, extracted)
+            rank_zero_warn(f"overparam: {extracted} was damaged (size does not match its header); rebuilt it from {gz.name}")
+        return _decode_idx(blob, gz)
+    return _decode_idx(extracted.read_bytes(), extracted)
+
+
 def load_mnist(data_dir: Union[str, Path, None] = None, download: bool = True) -> Splits:
     """MNIST (LeCun et al. 1998): 60,000 / 10,000 digits, ``x`` uint8 ``(n, 1, 28, 28)``.
 
-    torchvision's ``MNIST`` finds the four official ``.gz`` files in ``<root>/MNIST/raw/``,
-    checks their md5 and extracts them without network access; otherwise it downloads them
-    (``download=True``).
+    Reads the four official files in ``<root>/MNIST/raw/``, each as its ``.gz`` (checked against
+    the official md5, decompressed in memory: a read-only folder holding only the ``.gz`` files
+    works) or, without one, as the extracted IDX file (its size checked against its header).
+    Files missing or corrupt are downloaded when ``download`` is on and the network answers;
+    otherwise one ConfigError line says which file is missing or corrupt and how to fix it.
     """
     root = resolve_data_dir(data_dir)
     folder = root / "MNIST" / "raw"
 
     def decode() -> Splits:
-        from torchvision.datasets import MNIST
+        problems = _mnist_problems(folder)
+        if problems:
+            failure = "data.download is false"
+            if download:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    failure = _download_mnist(folder, list(problems))
+                except OSError as exc:
+                    failure = f"cannot create {folder}: {exc.strerror or exc}"
+                failure = failure and f"download failed: {failure}"
+                problems = _mnist_problems(folder)
+            if problems:
+                raise _mnist_error(folder, problems, failure or "download failed")
+        files = {name.removesuffix(".gz"): _read_mnist_file(folder, name, md5) for name, md5 in _mnist_files()}
+        return {
+            "train": (files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"]),
+            "test": (files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"]),
+        }
 
-        try:
-            sets = {s: _quiet(lambda: MNIST(str(root), train=s == "train", download=download)) for s in ("train", "test")}
-        except (RuntimeError, OSError) as exc:
-            raise ConfigError(
-                f"MNIST not found in {folder} and {'download failed: ' + _first_line(exc) if download else 'data.download is false'}; "
-                f"put the four official files (train-images-idx3-ubyte.gz, ...) in {folder}, or point "
-                "data.data_dir / $OVERPARAM_DATA_DIR at a folder holding MNIST/raw/, or run once with internet"
-            ) from None
-        return {s: (d.data.unsqueeze(1).contiguous(), d.targets.long()) for s, d in sets.items()}
-
-    # torchvision verifies the .gz md5 before extracting, so a cache built from it is verified.
+    # Every file used was md5-checked (.gz) or is the extraction of one: the cache is verified.
     return _cached_splits(root, folder, True, decode)
+
+
+def _mnist_error(folder: Path, problems: dict[str, str], failure: str) -> ConfigError:
+    corrupt = [name for name, problem in problems.items() if problem != "missing"]
+    if corrupt:
+        return ConfigError(
+            f"MNIST file {folder / corrupt[0]} is {problems[corrupt[0]]} and no fresh copy could be had ({failure}); "
+            "replace it with the official file, or delete it and run once with internet"
+        )
+    return ConfigError(
+        f"MNIST not found in {folder} (missing: {', '.join(problems)}) and {failure}; "
+        f"put the four official files (train-images-idx3-ubyte.gz, ...) in {folder}, or point "
+        "data.data_dir / $OVERPARAM_DATA_DIR at a folder holding MNIST/raw/, or run once with internet"
+    )
 
 
 # --- CIFAR-10 ---------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -184,6 +186,53 @@ def test_offline_without_data_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert "OVERPARAM_DATA_DIR" in message
     with pytest.raises(ConfigError, match="data.download is false"):
         MnistData(data_dir=str(tmp_path / "empty2"), download=False).setup()
+
+
+def _official_gz_copy(mnist_root: Path, root: Path) -> Path:
+    """``root/MNIST/raw`` holding only copies of the four official ``.gz`` files (the README's layout)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in sorted((mnist_root / "MNIST" / "raw").glob("*.gz")):
+        shutil.copy(gz, raw / gz.name)
+    assert len(list(raw.iterdir())) == 4
+    return raw
+
+
+def test_a_read_only_folder_of_the_official_gz_files_is_read_as_it_is(mnist_root: Path, tmp_path: Path):
+    raw = _official_gz_copy(mnist_root, tmp_path / "ro")
+    files = sorted(raw.iterdir())
+    raw.chmod(0o555)  # the offline layout may live on a read-only share
+    try:
+        splits = load_mnist(tmp_path / "ro", download=False)
+    finally:
+        raw.chmod(0o755)
+    assert splits["train"][0].shape == (60_000, 1, 28, 28) and splits["test"][1][:3].tolist() == [7, 2, 1]
+    assert sorted(raw.iterdir()) == files, "nothing extracted or cached beside the read-only files"
+    assert (tmp_path / "ro" / "overparam-cache" / "raw" / "overparam-uint8-train.pt").is_file()
+
+
+def test_a_truncated_gz_is_reported_as_corrupt_not_missing(mnist_root: Path, tmp_path: Path):
+    raw = _official_gz_copy(mnist_root, tmp_path)
+    gz = raw / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:1000])
+    with pytest.raises(ConfigError) as error:
+        load_mnist(tmp_path, download=False)
+    message = str(error.value)
+    assert "\n" not in message and "not found" not in message
+    assert f"MNIST file {gz} is corrupt (md5 differs from the official file: truncated or altered)" in message
+    assert "replace it with the official file" in message
+
+
+def test_a_truncated_extracted_file_beside_its_gz_is_rebuilt(mnist_root: Path, tmp_path: Path):
+    raw = _official_gz_copy(mnist_root, tmp_path)
+    extracted = raw / "t10k-labels-idx1-ubyte"
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz") as f:
+        whole = f.read()
+    extracted.write_bytes(whole[:5000])
+    with pytest.warns(UserWarning, match="t10k-labels-idx1-ubyte was damaged"):
+        splits = load_mnist(tmp_path, download=False)
+    assert torch.bincount(splits["test"][1]).tolist()[:3] == [980, 1135, 1032]
+    assert extracted.read_bytes() == whole
 
 
 def test_default_root_from_environment(mnist_root: Path, monkeypatch: pytest.MonkeyPatch):
