@@ -55,15 +55,19 @@ def load_sweep(path: str | Path) -> Sweep:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"sweep file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path}: the top level must be a mapping (program, method, parameters, command), got a {type(spec).__name__}")
     method = spec.get("method", "grid")
     if method not in METHODS:
         raise ConfigError(f"{path}: method {method!r} cannot run locally; allowed: {', '.join(METHODS)}")
     command = spec.get("command")
-    if not command or "${args}" not in command:
+    if not isinstance(command, list) or "${args}" not in command:
         raise ConfigError(f"{path}: 'command' must be a list containing \"${{args}}\" (after --config)")
     if "--config" in command and command.index("${args}") < command.index("--config"):
         raise ConfigError(f"{path}: \"${{args}}\" must come after --config, or the config overrides the sweep")
     parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{path}: 'parameters' must be a mapping of option -> {{values: [...]}}, got a {type(parameters).__name__}")
     for key, rule in parameters.items():
         for value in _declared_values(key, rule):
             check_agent_value(key, value)
