@@ -43,6 +43,34 @@ def resolve_batch_size(batch_size: BatchSize, num_points: int, option: str = "da
     return min(batch_size, num_points)
 
 
+def check_labels(y: Tensor, num_outputs: int, where: str) -> None:
+    """Labels must fit C = ``num_outputs`` outputs, or the loss indexes past them (an IndexError
+    deep in the first step) or learns nothing (0/1 labels on one output).
+
+    ``(P, C)`` floats are regression targets; with C = 1, integer labels are -1 or +1 (floats
+    may be regression targets); with C >= 2, labels are class indices 0..C-1.
+
+    Raises:
+        ConfigError: naming ``where`` (the DataModule and split), C and an offending label.
+    """
+    if y.numel() == 0:
+        return
+    if y.dim() == 2 and y.is_floating_point():
+        if y.shape[1] != num_outputs:
+            raise ConfigError(f"{where}: regression targets have {y.shape[1]} columns but the task has num_outputs = {num_outputs}")
+        return
+    if num_outputs == 1:
+        if not y.is_floating_point() and not bool(((y == 1) | (y == -1)).all()):
+            bad = y[(y != 1) & (y != -1)][0].item()
+            raise ConfigError(f"{where}: labels for one output must be -1 or +1, found {bad}")
+        return
+    bad = (y < 0) | (y >= num_outputs)
+    if y.is_floating_point():
+        bad |= y != y.round()
+    if bool(bad.any()):
+        raise ConfigError(f"{where}: labels must be class indices 0..{num_outputs - 1} for num_outputs = {num_outputs}, found {y[bad][0].item()}")
+
+
 def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     """This rank's contiguous slice of ``indices`` (sizes differ by at most one)."""
     return indices if world_size == 1 else indices.tensor_split(world_size)[rank]
@@ -333,6 +361,8 @@ class OverparamDataModule(pl.LightningDataModule):
         if self.splits and getattr(self, "_placed_on", None) == wanted:
             return
         splits = self.splits or self.load_splits()
+        for name, (_, y) in splits.items():
+            check_labels(y, self.num_outputs, f"{type(self).__name__} {name} split")
         self.splits = {name: self._place(x, y) for name, (x, y) in splits.items()}
         self._placed_on = wanted
 
