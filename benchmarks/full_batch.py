@@ -25,6 +25,7 @@ Time it alone on the machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method (round robin); the median is shown")
     parser.add_argument("--old", action="store_true", help="also the one-step-per-epoch protocol (slow)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,6 +156,12 @@ def main() -> None:
     base = medians["loop"]
     for name, (wall, cpu) in medians.items():
         print(f"  {name:16s} {wall * 1e3:12.3f} {wall / base[0]:7.2f}x {cpu * 1e3:12.3f} {cpu / base[1]:7.2f}x")
+    if args.json:
+        rows = {name: {"wall_ms_per_step": w * 1e3, "cpu_ms_per_step": c * 1e3, "steps_per_s": 1 / w,
+                       "vs_loop_wall": w / base[0], "vs_loop_cpu": c / base[1]} for name, (w, c) in medians.items()}  # fmt: skip
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "device": str(device), "P": args.P, "N": N, "steps": args.steps,
+                       "methods": rows}, fh, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

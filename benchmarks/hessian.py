@@ -149,7 +149,7 @@ def run_baselines(python: str, net: nn.Module, x, y, name: str, full: bool, thre
 
 
 # --- our engine ---------------------------------------------------------------------------------------
-def bench_model(name: str, args) -> None:
+def bench_model(name: str, args) -> dict:
     from overparam.curvature import HessianOperator, eigsh
     from overparam.curvature.hvp import make_batch_hvp
     from overparam.functional import flatten, module_fn
@@ -178,7 +178,7 @@ def bench_model(name: str, args) -> None:
     print(f"gradient: torch.func {t_grad * 1e3:8.1f} ms | autograd .backward() {t_grad_autograd * 1e3:8.1f} ms (ratios below: vs the faster)")
     t_grad = min(t_grad, t_grad_autograd)
     modes = ["forward_over_reverse", "double_backward"] + (["compiled"] if args.compile else [])
-    hvps = {}
+    hvps, hvp_ratios = {}, {}
     for mode in modes:
         hvp = make_batch_hvp(batch_loss, mode)
         start = time.perf_counter()
@@ -188,13 +188,15 @@ def bench_model(name: str, args) -> None:
         seconds, hv = timed(lambda: hvp(params, v, x, y), device)
         hvps[mode] = flatten(hv)
         fell_back = f" (compile failed, eager: {str(hvp.failed)[:80]})" if getattr(hvp, "failed", None) else ""
+        hvp_ratios[mode] = seconds / t_grad
         print(f"HVP {mode:21s} {seconds * 1e3:8.1f} ms = {seconds / t_grad:5.2f} x gradient "
               f"(first product {first * 1e3:.1f} ms){fell_back}")  # fmt: skip
     ref_hv = next(iter(hvps.values()))
     for mode, hv in hvps.items():
         assert torch.allclose(hv, ref_hv, rtol=1e-3, atol=1e-5 * float(ref_hv.abs().max())), f"{mode} disagrees"
+    result = {"N": N, "samples": x.shape[0], "gradient_s": t_grad, "hvp_over_gradient": hvp_ratios}
     if args.hvp_only:
-        return
+        return result
 
     # 2. top-1 / top-5: float64 reference, then ours in float32 and the baselines
     batches = [(x, y)]
@@ -248,6 +250,15 @@ def bench_model(name: str, args) -> None:
     for key, value in baselines.items():
         if not isinstance(value, dict):
             print(f"{key}: {value}")
+    for k in (1, 5):
+        ours_seconds = rows[f"overparam_top{k}"]["seconds"]
+        for method in ("pyhessian", "curvlinops"):
+            if f"{method}_top{k}" in rows:
+                rows[f"{method}_top{k}"]["vs_ours"] = rows[f"{method}_top{k}"]["seconds"] / ours_seconds
+        for row in (rows[f"{m}_top{k}"] for m in ("overparam", "pyhessian", "curvlinops") if f"{m}_top{k}" in rows):
+            row["max_rel_error"] = max(abs(a - b) / abs(b) for a, b in zip(row["eigenvalues"][:k], ref[:k]))
+    return {**result, "reference": ref, "hvp_mode": H.hvp_mode, "top_k": rows,
+            "baseline_notes": {k: v for k, v in baselines.items() if not isinstance(v, dict)}}
 
 
 def main(argv=None) -> int:
@@ -265,6 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline-python", default=DEFAULT_BASELINE_PYTHON)
     parser.add_argument("--baseline-worker", nargs=2, metavar=("STATE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.baseline_worker:
         baseline_worker(*args.baseline_worker)
@@ -272,8 +284,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; timings are best of 3 after a warm-up; the machine may be shared")
-    for name in args.models.split(","):
-        bench_model(name.strip(), args)
+    results = {name.strip(): bench_model(name.strip(), args) for name in args.models.split(",")}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "device": args.device, "models": results}, fh, indent=1)
     return 0
 
 

@@ -11,6 +11,8 @@ Samples per second for one epoch of the same model, optimizer and data, side by 
   optimisation and 1, 4 or 16 SGD steps per ``training_step`` (the design task.py adopted);
 * ``resident``: a hand-written loop over the DataModule's device-resident tensors
   (``randperm``, index, forward, loss, backward, step);
+* ``resident-graphs`` (GPU only, not by default): the same loop with its step captured once as a
+  CUDA graph and replayed, the bound that Python dispatch cannot reach;
 * ``dataloader``: the same loop fed by torchvision's ``MNIST``/``CIFAR10`` Dataset with
   ``ToTensor`` + ``Normalize`` (+ ``RandomCrop``/``RandomHorizontalFlip`` when augmenting)
   through a ``DataLoader`` (4 workers, pinned memory when on CUDA).
@@ -28,6 +30,7 @@ workers are other processes).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -47,6 +50,9 @@ from overparam.task import Task
 warnings.filterwarnings("ignore", ".*md5 check is off.*")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*across ranks is zero.*")
+
+
+RESULTS: dict[str, dict] = {}  # per benchmark, for --json
 
 
 def sync(device: torch.device) -> None:
@@ -179,6 +185,43 @@ def train_epoch(net: nn.Module, optimizer, loss_fn, batches) -> None:
         optimizer.step()
 
 
+def run_resident_graphs(make, device: torch.device, epochs: int, batch_size: int) -> tuple[float, float]:
+    """The hand-written loop with each full-size step captured once as a CUDA graph and replayed
+    (PyTorch's "whole network capture"): the GPU bound that Python dispatch cannot reach."""
+    if device.type != "cuda":
+        raise SystemExit("resident-graphs needs --device cuda")
+    task, data = make()
+    data.setup()
+    x, y = (t.to(device) for t in data.split("train"))
+    net, optimizer, loss_fn = task.net.to(device), optimizer_of(task.to(device)), get_loss(task.loss_name)
+    static_x, static_y = x[:batch_size].clone(), y[:batch_size].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net(static_x).unsqueeze(0), static_y, reduction="none").mean().backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_fn(net(static_x).unsqueeze(0), static_y, reduction="none").mean().backward()
+        optimizer.step()
+    for _ in range(epochs):
+        start = clock(device)
+        order = torch.randperm(x.shape[0], device=device)
+        for i in order.split(batch_size):
+            if i.numel() == batch_size:
+                static_x.copy_(x[i])
+                static_y.copy_(y[i])
+                graph.replay()
+            else:  # the epoch's remainder: one eager step
+                train_epoch(net, optimizer, loss_fn, [(x[i], y[i])])
+        elapsed = since(start, device)
+    return elapsed
+
+
 def run_resident(make, device: torch.device, epochs: int, batch_size: int) -> tuple[float, float]:
     task, data = make()
     data.setup()  # trainer-less: CPU placement, then moved here (like the Trainer would)
@@ -249,6 +292,8 @@ def bench(name: str, kind: str, make, points: int, batch_size: int, args) -> Non
                 seconds = run_lightning(make, device, args.epochs, int(method[len("manual"):]))
             elif method == "resident":
                 seconds = run_resident(make, device, args.epochs, batch_size)
+            elif method == "resident-graphs":
+                seconds = run_resident_graphs(make, device, args.epochs, batch_size)
             else:
                 seconds = run_dataloader(make, kind, device, args.epochs, batch_size, args.workers)
             times[method].append(seconds)
@@ -258,11 +303,16 @@ def bench(name: str, kind: str, make, points: int, batch_size: int, args) -> Non
         f"\n{name}: {points:,} samples/epoch, batch {batch_size}, device {device}, "
         f"torch threads {torch.get_num_threads()}, median of {args.repeats}"
     )
-    print(f"  {'method':12s} {'wall s':>8s} {'samples/s':>10s} {'vs resident':>12s} {'cpu s':>8s} {'cpu vs resident':>16s}")
+    print(f"  {'method':15s} {'wall s':>8s} {'samples/s':>10s} {'vs resident':>12s} {'cpu s':>8s} {'cpu vs resident':>16s}")
     for method, (wall, cpu) in results.items():
         ratio = f"{base[0] / wall:.2f}x" if base else ""
         cpu_ratio = f"{base[1] / cpu:.2f}x" if base and method != "dataloader" else "(workers)"
-        print(f"  {method:12s} {wall:8.3f} {points / wall:10,.0f} {ratio:>12s} {cpu:8.3f} {cpu_ratio:>16s}")
+        print(f"  {method:15s} {wall:8.3f} {points / wall:10,.0f} {ratio:>12s} {cpu:8.3f} {cpu_ratio:>16s}")
+    RESULTS[name] = {
+        "samples_per_epoch": points, "batch_size": batch_size, "device": str(device), "repeats": args.repeats,
+        "methods": {m: {"wall_s": w, "cpu_s": c, "samples_per_s": points / w, "vs_resident": base[0] / w if base else None}
+                    for m, (w, c) in results.items()},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -275,8 +325,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--tasks", nargs="+", default=["mnist", "cifar"], choices=["mnist", "cifar"])
     methods = ["overparam", "lightning", "resident", "dataloader"]
-    parser.add_argument("--methods", nargs="+", default=methods, choices=[*methods, "manual1", "manual4", "manual16"],
-                        help="manualS: bare module, manual optimisation, S steps per training_step")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", default=methods,
+                        choices=[*methods, "manual1", "manual4", "manual16", "resident-graphs"],
+                        help="manualS: bare module, manual optimisation, S steps per training_step; "
+                             "resident-graphs: the hand-written loop replayed as a CUDA graph (GPU only)")  # fmt: skip
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--mnist-width", type=int, nargs="+", default=[500, 100], help="hidden widths (N = 443,610)")
     parser.add_argument("--mnist-batch", type=int, default=128)
     parser.add_argument("--mnist-n-train", type=int, default=0, help="training digits (0: all 60,000)")
@@ -310,6 +363,9 @@ def main() -> None:
             return task, data
 
         bench(f"CIFAR-CNN c={args.cifar_width}", "cifar", make_cifar, n_train or 50_000, args.cifar_batch, args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "benchmarks": RESULTS}, fh, indent=1)
 
 
 if __name__ == "__main__":
