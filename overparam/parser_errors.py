@@ -77,6 +77,9 @@ def condense(message: str) -> str:
             line = _explain(key.group(1), rest + node.children, owner=None)
             if line:
                 return line
+    not_accepted = re.search(r"does not accept option '([^']+)'", message)
+    if not_accepted:
+        return unknown_key(not_accepted.group(1))
     return _flat_fallback(message)
 
 

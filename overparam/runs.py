@@ -39,11 +39,12 @@ def read_checkpoint(path: Union[str, Path], option: str = "--ckpt_path") -> dict
         raise ConfigError(f"{option}: {path} does not exist")
     if not path.is_file():
         raise ConfigError(f"{option}: {path} is not a file (give a .ckpt, e.g. <run>/checkpoints/last.ckpt)")
+    # torch.save writes a zip archive (since torch 1.6); a cut one has no central directory.
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{option}: {path} is not a readable checkpoint (not a complete PyTorch file: truncated, or another kind of file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no directory
-            raise ConfigError(f"{option}: {path} is not a readable checkpoint (not a complete PyTorch file: truncated, or another kind of file)") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{option}: {path} is not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

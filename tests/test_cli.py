@@ -1,4 +1,4 @@
-"""The overparam command end to end: fit, print_config, test from a checkpoint, errors."""
+"""The overparam command end to end: fit, print_config, test from a checkpoint, where runs go, resuming."""
 
 import csv
 import os
@@ -67,42 +67,7 @@ def test_console_script_is_installed(tmp_path):
     assert "TeacherStudent" in out.stdout
 
 
-BAD_INPUTS = [
-    (["--model.width", "0"], "model.width must be positive, got 0"),
-    (["--model.loss", "l1"], "model.loss must be one of cross_entropy, squared_hinge, hinge, mse; got 'l1'"),
-    (["--data.num_train", "-5"], "data.num_train must be positive, got -5"),
-    (["--model", "TeacherStudnt"], "--model: unknown class 'TeacherStudnt'; did you mean TeacherStudent?"),
-    (["--data", "NoSuchData"], "--data: unknown class 'NoSuchData'; installed:"),
-    (["--model.widht", "3"], "--model.widht: no such option of TeacherStudent; did you mean width?"),
-    (["--trainer.max_epochs", "abc"], "--trainer.max_epochs: expected int or None, got 'abc'"),
-    (["--trainer.callbacks+=ModelCheckpont"], "unknown class 'ModelCheckpont'; did you mean ModelCheckpoint"),
-]
-
-
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = _exit_code(lambda: main(["fit", "-c", TS, *FAST, *args]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("overparam: error:")]
-    assert code == 2
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "runs").exists(), "nothing written for a rejected config"
-
-
-@pytest.mark.parametrize(
-    "yaml_text,message",
-    [
-        ("trainer:\n  max_epochz: 3\n", "--trainer.max_epochz: no such option; did you mean max_epochs"),
-        ("model:\n  init_args: [unclosed\n", "Problems parsing config"),
-        ("foo: 1\n", "--foo: no such option; allowed: model, data, trainer"),
-    ],
-)
-def test_bad_yaml_is_one_line_and_exit_2(yaml_text, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "bad.yaml").write_text(yaml_text)
-    code = _exit_code(lambda: main(["fit", "-c", TS, "-c", "bad.yaml", *FAST]))
-    err = capsys.readouterr().err
-    assert code == 2 and message in err
+# Bad inputs (one line, exit code 2, nothing written) are the table of tests/test_cli_errors.py.
 
 
 def test_earlier_run_folder_untouched_by_a_rejected_run(tmp_path, capsys, monkeypatch):
@@ -128,3 +93,41 @@ def _exit_code(run) -> int:
         return run()
     except SystemExit as exc:
         return exc.code
+
+
+def test_default_root_dir_decides_where_the_run_folder_goes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", TS, *FAST, "--trainer.default_root_dir", "elsewhere/out", "--summary", "false"]) == 0
+    assert (tmp_path / "elsewhere" / "out" / "teacher_student" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"], "nothing in ./runs"
+
+
+def test_resume_continues_in_the_run_folder_and_names_what_the_checkpoint_overrides(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", TS, *FAST, "--summary", "false"]) == 0
+    run = tmp_path / "runs" / "teacher_student" / "version_0"
+    # Rows of an epoch trained after the last checkpoint and lost (a kill): the resume redoes it.
+    header = next(csv.reader((run / "metrics.csv").open()))
+    with open(run / "metrics.csv", "a", newline="") as f:
+        csv.DictWriter(f, header).writerow({"epoch": 2, "step": 99, "train/loss": 9.9, "train/error": 0.5})
+    capsys.readouterr()
+    resume = ["fit", "-c", TS, *FAST, "--trainer.max_epochs", "4", "--model.lr", "0.01", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    assert main(resume) == 0
+    err = capsys.readouterr().err
+    assert "overparam: warning: --ckpt_path: resuming the checkpoint's model, whose values replace the config's: model.lr = 0.1 (config: 0.01)" in err
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"], "no second folder for one run"
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    epochs = [r["epoch"] for r in rows if r.get("train/loss")]
+    assert epochs == ["0", "1", "2", "3"], epochs
+    assert "9.9" not in {r.get("train/loss") for r in rows}, "the lost epoch's row was dropped"
+
+
+def test_testing_a_checkpoint_of_another_width_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "-c", TS, *FAST, "--model.width", "8", "--summary", "false"]) == 0
+    checkpoint = tmp_path / "runs" / "teacher_student" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(["test", "-c", TS, *FAST, "--ckpt_path", str(checkpoint)]) == 0
+    err = capsys.readouterr().err
+    assert "overparam: warning: --ckpt_path: test runs the checkpoint's model, whose values replace the config's: model.width = 8 (config: 64)" in err

@@ -1,6 +1,7 @@
 """W&B: offline runs write their run file; W&B failures never lose the local run."""
 
 import csv
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -33,6 +34,18 @@ def test_wandb_failing_at_start_keeps_training_and_local_logs(cli, tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert {r["epoch"] for r in rows if r.get("train/loss")} == {"0", "1"}
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_unreachable_server_switches_wandb_off_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://overparam-no-such-host.invalid")
+    logger = ResilientWandbLogger(save_dir=str(tmp_path))
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="cannot reach the W&B server http://overparam-no-such-host.invalid"):
+        logger.experiment
+    # wandb.init itself retries such a server for 90 s (measured) before it gives up.
+    assert logger.failed and time.monotonic() - start < 10
 
 
 def test_wandb_failing_mid_run_switches_it_off_and_training_goes_on(tmp_path, monkeypatch):
