@@ -59,6 +59,7 @@ from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError
 from overparam.functional import NetFn, Params, flatten, unflatten
 from overparam.losses import errors
+from overparam.progress import Progress, track
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[..., Tensor]
@@ -378,6 +379,7 @@ def evaluate_path(
     bn_batches: Optional[Sequence[Batch]] = None,
     endpoint_buffers: Optional[tuple[Params, Params]] = None,
     points_per_call: int = 1,
+    progress: Optional[Progress] = None,
 ) -> PathEvaluation:
     """Mean loss and 0/1 error of ``fn`` at ``theta(t)`` on each split of ``data``.
 
@@ -397,6 +399,7 @@ def evaluate_path(
             al. do, so all points are treated alike.
         points_per_call: t values evaluated in one vmapped call (memory x this; needs
             no BatchNorm). 1 is a plain loop over t.
+        progress: reports the points done (``overparam.progress``); None: silent.
 
     Returns:
         a ``PathEvaluation``; under DDP every rank holds the single-process values.
@@ -416,6 +419,7 @@ def evaluate_path(
     # sums[split]: (T, 3) = loss sum, error sum, count; one all-reduce at the end.
     sums = {split: torch.zeros(len(t), 3, dtype=torch.float64, device=device) for split in data}
     modes = {name: m.training for name, m in layers.items()}
+    report = track(progress, len(t), "points")
     try:
         for m in layers.values():
             m.eval()
@@ -440,6 +444,8 @@ def evaluate_path(
                     rows[:, 0] += loss_fn(out, y, reduction="none").sum(-1).double()
                     rows[:, 1] += errors(out, y).sum(-1).double()
                     rows[:, 2] += x.shape[0]
+            report.update(len(ts))
+        report.finish()
     finally:
         for name, m in layers.items():
             m.train(modes[name])
@@ -502,6 +508,7 @@ def fit_curve(
     buffers: Optional[Params] = None,
     bn_module: Optional[nn.Module] = None,
     init: Optional[Path] = None,
+    progress: Optional[Progress] = None,
 ) -> tuple[Path, list[float]]:
     """Train the middle control points of a curve from ``a`` to ``b``; the ends stay fixed.
 
@@ -524,6 +531,7 @@ def fit_curve(
         seed: seed of the t draws.
         init: a curve to start from (default: the bends evenly on the segment, i.e. the
             linear path).
+        progress: reports the steps done and the last step's loss; None: silent.
 
     Returns:
         the fitted ``Path`` and the loss at each step.
@@ -543,6 +551,7 @@ def fit_curve(
     layers = batchnorm_layers(bn_module)
     modes = {name: m.training for name, m in layers.items()}
     history = []
+    report = track(progress, steps, "steps")
     try:
         for m in layers.values():
             m.train()
@@ -561,6 +570,8 @@ def fit_curve(
             middle.grad = (packed[:-2] / count).view_as(middle)
             optimizer.step()
             history.append(float(packed[-2] / count))
+            report.update(loss=history[-1])
+        report.finish(loss=history[-1])
     finally:
         for name, m in layers.items():
             m.train(modes[name])

@@ -218,10 +218,14 @@ def test_interpolate_between_the_members_of_one_ensemble_run(runs, tmp_path):
     assert curve["test_loss"][-1] == pytest.approx(last_logged(runs["pair"], "test/loss/member_1"), rel=1e-6)
 
 
-def test_connect_fits_a_curve_that_interpolate_reuses(runs, tmp_path):
+def test_connect_fits_a_curve_that_interpolate_reuses(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "conn"
     args = ["--a", str(runs["a"]), "--b", str(runs["b"]), "--points", "5", "--out", str(out)]
+    monkeypatch.setenv("OVERPARAM_PROGRESS_SECONDS", "0")  # a progress line at every step and point
     assert overparam(["connect", *args, "--steps", "150", "--lr", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "overparam connect fitting the bezier curve: 150 steps done in" in err
+    assert "overparam connect linear: 3/5 points (60%)" in err and "overparam connect bezier: 5 points done in" in err
     fitted = json.loads((out / "barriers.json").read_text())
     assert fitted["bezier/train/loss/barrier"] <= fitted["linear/train/loss/barrier"] + 1e-6, fitted
     again = tmp_path / "again"

@@ -36,6 +36,8 @@ import yaml
 from overparam import landscape
 from overparam.errors import ConfigError
 from overparam.functional import FunctionalView
+from overparam.progress import Progress
+from overparam.runs import read_checkpoint
 
 LINKED = ("input_shape", "num_outputs", "num_train")
 # DataModule args that change how a run trained, not which points it saw (LB vs SB runs).
@@ -95,12 +97,7 @@ def load_run(spec: str, option: str, device: torch.device | str = "cpu") -> Run:
         ConfigError: missing checkpoint or config, unreadable checkpoint, unknown classes.
     """
     ckpt_path, config_path = resolve_run(spec, option)
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise ConfigError(f"{option}: cannot read checkpoint {ckpt_path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{option}: {ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    checkpoint = read_checkpoint(ckpt_path, option)
     with open(config_path) as f:
         config = yaml.safe_load(f) or {}
     data_cfg = config.get("data") or {}
@@ -243,7 +240,7 @@ def main(
         direction = load_direction(args.direction, view_a.params, args.seed)
         path = landscape.line(view_a.params, direction)
         title = f"line from {args.a} along {args.direction}"
-        evaluations["line"] = landscape.evaluate_path(view_a.single_fn, path, data, task.loss_fn, **kwargs)
+        evaluations["line"] = landscape.evaluate_path(view_a.single_fn, path, data, task.loss_fn, progress=Progress(f"{prog} line"), **kwargs)
     else:
         differences = _data_differences(run_a, run_b)
         if differences:
@@ -252,16 +249,18 @@ def main(
         name_b = args.b + (f" member {member_b}" if run_b.task.ensemble_size > 1 else "")
         title = f"{name_a} (t=0) to {name_b} (t=1)"
         linear = landscape.linear_path(view_a.params, view_b.params)
-        evaluations["linear"] = landscape.evaluate_path(view_a.single_fn, linear, data, task.loss_fn, **kwargs)
+        evaluations["linear"] = landscape.evaluate_path(view_a.single_fn, linear, data, task.loss_fn, progress=Progress(f"{prog} linear"), **kwargs)
         if args.path != "linear":
-            curve = _curve(args, view_a, view_b, run_a, device)
-            evaluations[args.path] = landscape.evaluate_path(view_a.single_fn, curve, data, task.loss_fn, **kwargs)
+            curve = _curve(args, view_a, view_b, run_a, device, prog)
+            evaluations[args.path] = landscape.evaluate_path(
+                view_a.single_fn, curve, data, task.loss_fn, progress=Progress(f"{prog} {args.path}"), **kwargs
+            )
             arrays["controls"] = curve.controls.cpu().numpy()
     write_outputs(args.out or default_out, evaluations, arrays, title, prog)
     return 0
 
 
-def _curve(args: argparse.Namespace, view_a: FunctionalView, view_b: FunctionalView, run: Run, device: torch.device) -> landscape.Path:
+def _curve(args: argparse.Namespace, view_a: FunctionalView, view_b: FunctionalView, run: Run, device: torch.device, prog: str) -> landscape.Path:
     if args.curve:
         if not os.path.isfile(args.curve):
             raise ConfigError(f"--curve: {args.curve} does not exist")
@@ -280,6 +279,7 @@ def _curve(args: argparse.Namespace, view_a: FunctionalView, view_b: FunctionalV
     curve, history = landscape.fit_curve(
         view_a.single_fn, view_a.params, view_b.params, batches, run.task.loss_fn, kind=args.path,
         num_bends=args.bends, steps=args.steps, lr=args.lr, seed=args.seed, buffers=view_a.buffers, bn_module=bn_module,
+        progress=Progress(f"{prog} fitting the {args.path} curve"),
     )
     print(f"fitted a {args.path} curve with {args.bends} bend(s): {args.steps} steps, loss {history[0]:.4g} -> {np.mean(history[-50:]):.4g} (mean of the last 50)")
     return curve
