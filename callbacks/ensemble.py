@@ -13,9 +13,9 @@ fluctuations shrink as ``|f_N - <f_N>| ~ N^{-1/4}`` and averaging K nets removes
 description of generalization with number of parameters in deep learning", J. Stat. Mech.
 023401, Sec. 3 and Fig. 3).
 
-``ensemble_sums`` is the pure part (sums and counts, reduced across ranks before dividing);
-``EnsembleEvaluation`` applies it to a task's K vmapped members at validation/test, and
-``overparam ensemble`` applies it to separately trained runs.
+``overparam.metrics.EnsembleStatistics`` is the metric (sums reduced across ranks before
+dividing); ``EnsembleEvaluation`` applies it to a task's K vmapped members at validation/test,
+and ``overparam ensemble`` applies it to separately trained runs.
 
 What the Task already logs for K > 1 (``overparam/task.py``) and this callback does not repeat:
 ``{split}/ensemble_error`` (the error of f_bar), ``{split}/error`` (the mean member error) and
@@ -34,82 +34,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from overparam.callbacks.base import AnalysisCallback
-from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError
-from overparam.losses import errors
+from overparam.metrics import EnsembleStatistics
 
 SPLITS = ("val", "test")
 
 
-class EnsembleSums:
-    """Running sums over test points of every ensemble statistic; ``compute`` divides last.
-
-    ``update(outputs, y)`` takes ``(K, B, C)`` member outputs; ``reduce()`` sums across DDP
-    ranks; ``compute()`` returns a dict of floats and ``(K,)`` tensors (see ``compute``).
-
-    Args:
-        num_members: K.
-        loss_fn: ``loss_fn(outputs, y, reduction="none")``; None skips the losses.
-    """
-
-    def __init__(self, num_members: int, loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
-        self.K = num_members
-        self.loss_fn = loss_fn
-        self.reset()
-
-    def reset(self) -> None:
-        # Rows: member errors, member losses, member fluctuations; then the scalars.
-        self.members = torch.zeros(3, self.K, dtype=torch.float64)
-        self.scalars = torch.zeros(3, dtype=torch.float64)  # ensemble errors, ensemble loss, points
-
-    def update(self, outputs: Tensor, y: Tensor) -> None:
-        outputs = outputs.detach()
-        f_bar = outputs.mean(0)  # (B, C)
-        members = torch.stack(
-            [
-                errors(outputs, y).sum(-1),  # (K,)
-                self.loss_fn(outputs, y, reduction="none").sum(-1) if self.loss_fn else torch.zeros(self.K, device=outputs.device),
-                (outputs - f_bar).square().sum(-1).sum(-1),  # (K,)  sum_x |f_k - f_bar|^2
-            ]
-        ).to(torch.float64)
-        scalars = torch.stack(
-            [
-                errors(f_bar, y).sum(),
-                self.loss_fn(f_bar, y, reduction="sum") if self.loss_fn else torch.zeros((), device=outputs.device),
-                torch.tensor(float(outputs.shape[1]), device=outputs.device),
-            ]
-        ).to(torch.float64)
-        self.members = self.members.to(outputs.device) + members
-        self.scalars = self.scalars.to(outputs.device) + scalars
-
-    def reduce(self) -> None:
-        """Sum the statistics over DDP ranks (one collective; identity on one process)."""
-        flat = all_reduce_sum(torch.cat([self.members.reshape(-1), self.scalars]))
-        self.members, self.scalars = flat[: self.members.numel()].view_as(self.members), flat[self.members.numel() :]
-
-    def compute(self) -> dict[str, Any]:
-        """``ensemble_error``, ``ensemble_loss``, ``mean_member_error``, ``mean_member_loss``,
-        ``fluctuation`` (floats), ``member_error``, ``member_loss``, ``member_fluctuation`` ((K,)), ``points``."""
-        points = float(self.scalars[2].clamp_min(1))
-        member_error, member_loss, member_fluct = (row / points for row in self.members.cpu())
-        return {
-            "ensemble_error": float(self.scalars[0]) / points,
-            "ensemble_loss": float(self.scalars[1]) / points,
-            "mean_member_error": float(member_error.mean()),
-            "mean_member_loss": float(member_loss.mean()),
-            "fluctuation": float(member_fluct.mean()),
-            "member_error": member_error,
-            "member_loss": member_loss,
-            "member_fluctuation": member_fluct,
-            "points": int(self.scalars[2]),
-        }
-
-
 def ensemble_metrics(outputs: Tensor, y: Tensor, loss_fn: Optional[Callable[..., Tensor]] = None) -> dict[str, Any]:
     """All ensemble statistics of ``(K, B, C)`` outputs on one set of points (one process)."""
-    sums = EnsembleSums(outputs.shape[0], loss_fn)
-    sums.update(outputs, y)
-    return sums.compute()
+    stats = EnsembleStatistics(outputs.shape[0], loss_fn)
+    stats.update(outputs, y)
+    return stats.compute()
 
 
 class EnsembleEvaluation(AnalysisCallback):
@@ -152,7 +87,7 @@ class EnsembleEvaluation(AnalysisCallback):
         if bad:
             raise ConfigError(f"EnsembleEvaluation.splits must be taken from {', '.join(SPLITS)}; got {list(splits)}")
         self.splits = tuple(splits)
-        self._sums: dict[str, EnsembleSums] = {}
+        self._sums: dict[str, EnsembleStatistics] = {}
         self._warned = False
 
     def _active(self, pl_module: pl.LightningModule) -> bool:
@@ -175,7 +110,7 @@ class EnsembleEvaluation(AnalysisCallback):
     # --- evaluation loops ------------------------------------------------------------------
     def _start(self, split: str, pl_module: pl.LightningModule) -> None:
         if split in self.splits and self._active(pl_module):
-            self._sums[split] = EnsembleSums(pl_module.ensemble_size, pl_module.loss_fn)
+            self._sums[split] = EnsembleStatistics(pl_module.ensemble_size, pl_module.loss_fn).to(pl_module.device)
 
     def _batch(self, split: str, pl_module: pl.LightningModule, batch: Any) -> None:
         if split in self._sums:
@@ -186,8 +121,7 @@ class EnsembleEvaluation(AnalysisCallback):
         sums = self._sums.pop(split, None)
         if sums is None:
             return
-        sums.reduce()  # every rank now holds the global sums
-        result = sums.compute()
+        result = sums.compute()  # one all-reduce: every rank holds the global sums
         values = {f"{split}/ensemble_fluctuation": result["fluctuation"], f"{split}/ensemble_loss": result["ensemble_loss"]}
         for k, v in enumerate(result["member_fluctuation"].tolist()):
             values[f"{split}/ensemble_fluctuation/member_{k}"] = v
@@ -224,11 +158,10 @@ class EnsembleEvaluation(AnalysisCallback):
         """Evaluate the test split (each rank its shard) and log ``ensemble/test_*``."""
         if not self._active(pl_module):
             return
-        sums = EnsembleSums(pl_module.ensemble_size, pl_module.loss_fn)
+        sums = EnsembleStatistics(pl_module.ensemble_size, pl_module.loss_fn).to(pl_module.device)
         with torch.no_grad():
             for x, y in trainer.datamodule.analysis_batches("test"):
                 sums.update(pl_module.member_outputs(x), y)
-        sums.reduce()
         result = sums.compute()
         metrics = {f"test_{k}": v for k, v in result.items() if isinstance(v, float)}
         self.log_metrics(trainer, pl_module, metrics)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from overparam.callbacks.ensemble import EnsembleEvaluation, EnsembleSums, ensemble_metrics
+from overparam.callbacks.ensemble import EnsembleEvaluation, ensemble_metrics
+from overparam.metrics import EnsembleStatistics
 from overparam.errors import ConfigError
 from overparam.losses import squared_hinge
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData
@@ -40,7 +41,7 @@ def test_metrics_on_hand_made_multiclass_outputs_in_chunks():
     assert whole["ensemble_error"] == 0.5 and whole["member_error"].tolist() == [0.0, 0.5]
     # |f_k - f_bar|^2 summed over C: point 1: 1+0+4 = 5 for each member; point 2: 0+1+0.25 = 1.25 each
     assert whole["fluctuation"] == pytest.approx((5 + 1.25) / 2)
-    chunked = EnsembleSums(2)
+    chunked = EnsembleStatistics(2)
     chunked.update(outputs[:, :1], y[:1])
     chunked.update(outputs[:, 1:], y[1:])
     again = chunked.compute()

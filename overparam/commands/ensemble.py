@@ -4,7 +4,7 @@ Each argument is a run folder (with ``config.yaml`` and ``checkpoints/last.ckpt`
 ``.ckpt`` file inside one. The data come from the first run's ``config.yaml`` unless ``--data
 CONFIG.yaml`` (a config with a ``data:`` section, short class names allowed) is given. Every
 run's outputs on the split are stacked (a run trained with ``ensemble_size`` K adds its K
-members) and the statistics of ``overparam.callbacks.ensemble.EnsembleSums`` are printed: the
+members) and the statistics of ``overparam.metrics.EnsembleStatistics`` are printed: the
 error and loss of f_bar = mean_k f_k, the mean member error and loss, the output fluctuation.
 
     overparam ensemble --ckpts runs/a runs/b runs/c --split test --output ensemble.json
@@ -79,7 +79,7 @@ def load_task(ckpt: str, config: dict[str, Any], device: torch.device) -> Any:
 @torch.no_grad()
 def evaluate(ckpts: list[str], data_config: Optional[str], split: str, device: str, batch_size: int) -> dict[str, Any]:
     """Stack every run's member outputs on ``split`` and compute the ensemble statistics."""
-    from overparam.callbacks.ensemble import EnsembleSums
+    from overparam.metrics import EnsembleStatistics
 
     runs = [find_run(p) for p in ckpts]
     configs = [load_config(c) for _, c in runs]
@@ -101,7 +101,7 @@ def evaluate(ckpts: list[str], data_config: Optional[str], split: str, device: s
     x_all, y_all = splits[split]
     tasks = [t.to(dtype) for t in tasks]
     K = sum(t.ensemble_size for t in tasks)
-    sums = EnsembleSums(K, tasks[0].loss_fn)
+    sums = EnsembleStatistics(K, tasks[0].loss_fn).to(dev)
     for start in range(0, x_all.shape[0], batch_size):
         x = x_all[start : start + batch_size].to(dev)
         x = x.to(dtype) if x.is_floating_point() else x
