@@ -55,8 +55,11 @@ class ConstraintCounter(AnalysisCallback):
         every_n_steps: count theta_t at every n-th optimizer step (None: never). Jamming runs
             use 1 with ``batch_size: full``, where a count costs nothing.
         at_fit_start, at_fit_end, at_epochs, name: see ``AnalysisCallback`` (name: ``constraints``).
-        stop_when_sat: set ``trainer.should_stop`` once every member has N_Delta = 0.
-        stop_when_jammed: set ``trainer.should_stop`` once every member is SAT or jammed.
+        stop_when_sat: set ``trainer.should_stop`` once every member has N_Delta = 0. In an
+            ensemble a member that is SAT stops training (``Task.freeze_members``) while the
+            others go on, as if it were a run of its own.
+        stop_when_jammed: set ``trainer.should_stop`` once every member is SAT or jammed (a
+            jammed member of an ensemble is frozen too).
         min_rel_decrease: a run improves while its lowest loss falls below ``(1 - this)`` times
             its value at half the steps (``overparam.constraints.JammingVerdict``). Default 1e-3.
         min_plateau_steps: no jammed verdict before this many steps. Default 1000. Nor while a
@@ -232,6 +235,7 @@ class ConstraintCounter(AnalysisCallback):
             result = self.count(trainer, pl_module, pairs, histograms=saving)
             rows = [[n, loss / P] for n, _, loss, P in result["sums"].tolist()]  # one host transfer
         status = self._verdict(len(rows)).update(step, [r[0] for r in rows], [r[1] for r in rows], _annealing(trainer))
+        self._freeze_finished(pl_module, status)
         stop = self._should_stop()
         if quick and status == before and not stop:
             return
@@ -261,6 +265,12 @@ class ConstraintCounter(AnalysisCallback):
             if self._verdict_state is not None:
                 self.verdict.load_state_dict(self._verdict_state)
         return self.verdict
+
+    def _freeze_finished(self, pl_module: pl.LightningModule, status: list[str]) -> None:
+        """Ensembles: a member whose run would have stopped (SAT, or jammed) trains no more."""
+        done = [k for k, s in enumerate(status) if (s == SAT and self.stop_when_sat) or (s == JAMMED and self.stop_when_jammed)]
+        if done and len(status) > 1 and hasattr(pl_module, "freeze_members"):
+            pl_module.freeze_members(done)
 
     def _should_stop(self) -> bool:
         status = self.status

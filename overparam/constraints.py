@@ -99,7 +99,9 @@ class JammingVerdict:
     ``update(step, N_delta, loss)`` takes one count per member at optimizer step ``step``
     (non-decreasing across calls). It keeps the lowest N_Delta and loss so far and, at steps
     spaced by factors of 2^(1/4), milestones of them; the plateau test compares the present
-    with the last milestone at or before ``step / 2``, so the state stays O(log steps).
+    with the last milestone at or before ``step / 2``, so the state stays O(log steps). A
+    member that reached SAT stays SAT, with ``last`` the counts of its first SAT step (the
+    other members of an ensemble may train on, and Adam's momentum moves it a little).
 
     Args:
         num_members: K.
@@ -137,6 +139,8 @@ class JammingVerdict:
         floor of its annealing schedule): no member is called jammed yet, whatever its loss does.
         """
         for k, (n, value) in enumerate(zip(N_delta, loss)):
+            if self.status[k] == SAT:
+                continue  # SAT is for good: a zero-loss solution was found (an ensemble trains on)
             self.best_N_delta[k] = min(self.best_N_delta[k], n)
             self.best_loss[k] = min(self.best_loss[k], value)
             self.last[k] = {"step": int(step), "N_delta": float(n), "loss": float(value)}

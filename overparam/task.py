@@ -125,6 +125,7 @@ class Task(pl.LightningModule):
         )
         self._epoch_sums: dict[str, dict[str, Any]] = {}
         self._step_hooks: list[Any] = []
+        self.frozen_members: list[int] = []  # ensemble members that train no more (freeze_members)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # training (outputs, y, losses) not yet recorded
         self._pending_points = 0
         self._mode_dependent = True
@@ -326,16 +327,43 @@ class Task(pl.LightningModule):
         return total
 
     def update(self, optimizer: Any) -> None:
-        """Apply the update of the accumulated gradient (a task may constrain it, e.g. p-spin)."""
+        """Apply the update of the accumulated gradient (a task may constrain it, e.g. p-spin).
+
+        Frozen ensemble members (``freeze_members``) keep their parameters.
+        """
+        kept = None
+        if self.frozen_members:
+            index = torch.tensor(self.frozen_members, device=self.device)
+            kept = [(p, p.data[index].clone()) for p in self.member_params.values()]
         if not self._direct:
             optimizer.step()
-            return
-        # What LightningOptimizer.step does on one device with plain precision, minus the
-        # callback dispatch nobody listens to: count the step, the module's hook, the update.
-        optimizer._on_before_step()
-        self.on_before_optimizer_step(optimizer)
-        optimizer.optimizer.step()
-        optimizer._on_after_step()
+        else:
+            # What LightningOptimizer.step does on one device with plain precision, minus the
+            # callback dispatch nobody listens to: count the step, the module's hook, the update.
+            optimizer._on_before_step()
+            self.on_before_optimizer_step(optimizer)
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+        if kept is not None:
+            with torch.no_grad():
+                for p, values in kept:
+                    p.data[index] = values
+
+    def freeze_members(self, members: Sequence[int]) -> None:
+        """Stop training these ensemble members: from the next update on their parameters stay.
+
+        For ensembles whose members end at different steps (a member of a jamming sweep that
+        reached SAT); the others train on. Kept in the checkpoint. Has no effect for K = 1
+        (stop the run instead).
+        """
+        if self.ensemble_size > 1:
+            self.frozen_members = sorted(set(self.frozen_members) | {int(k) for k in members})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["overparam_frozen_members"] = list(self.frozen_members)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.frozen_members = list(checkpoint.get("overparam_frozen_members", []))
 
     def _steps_directly(self) -> bool:
         """Whether this fit may skip the Trainer's per-step hook dispatch (``_direct``).

@@ -186,6 +186,7 @@ def test_a_run_still_descending_is_never_jammed_and_a_plateau_is():
     assert 2 * 2_000 < first < 2 * 5_000, first  # about twice the steps the loss needed to settle
     sat = JammingVerdict(2)
     assert sat.update(5, [0.0, 3.0], [0.0, 0.2]) == [SAT, RUNNING] and not sat.done()
+    assert sat.update(6, [1.0, 3.0], [1e-9, 0.2]) == [SAT, RUNNING] and sat.last[0]["step"] == 5, "SAT is for good"
     endgame = JammingVerdict(1, min_plateau_steps=10)
     assert [endgame.update(t, [4.0], [0.1], annealing=True)[0] for t in range(100)][-1] == RUNNING
     assert endgame.update(100, [4.0], [0.1]) == [JAMMED]  # the lr reached its floor: the same plateau jams

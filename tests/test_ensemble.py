@@ -177,3 +177,19 @@ def test_ensemble_evaluation_under_ddp_equals_one_process(tmp_path):
         assert got["test/ensemble_fluctuation"] == pytest.approx(expected["fluctuation"], rel=1e-6), f"rank {rank}"
         assert got["test/ensemble_loss"] == pytest.approx(expected["ensemble_loss"], rel=1e-6), f"rank {rank}"
     assert (tmp_path / "ensemble" / "test.npz").is_file()
+
+
+def test_frozen_members_keep_their_parameters_and_the_checkpoint_keeps_them_frozen(tmp_path):
+    task, data = _task(K=3), _data()
+    before = {n: p.detach().clone() for n, p in task.member_params.items()}
+    task.freeze_members([1])
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(task, data)
+    for name, p in task.member_params.items():
+        assert torch.equal(p[1], before[name][1]), f"{name}: the frozen member moved"
+        assert not torch.equal(p[0], before[name][0]), f"{name}: member 0 must train"
+    checkpoint = {}
+    task.on_save_checkpoint(checkpoint)
+    again = _task(K=3)
+    again.on_load_checkpoint(checkpoint)
+    assert again.frozen_members == [1]
