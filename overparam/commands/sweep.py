@@ -15,10 +15,11 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from overparam.progress import format_seconds
 from overparam.sweeps import command_for, expand, load_sweep, point_id
 
 DONE, FAILED = "DONE", "FAILED"
@@ -93,15 +94,18 @@ def main(argv: list[str]) -> int:
     if args.dry_run or not jobs:
         return 0
 
-    print(f"overparam sweep {sweep.name}: {len(jobs)} of {len(points)} points to run, {args.parallel} at a time, in {runs_dir}")
-    failures = 0
+    print(f"overparam sweep {sweep.name}: {len(jobs)} of {len(points)} points to run, {args.parallel} at a time, in {runs_dir}", flush=True)
+    failures, start = 0, time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = [(job, pool.submit(run_point, *job)) for job in jobs]
-        for i, ((folder, _, _), future) in enumerate(futures, 1):
+        futures = {pool.submit(run_point, *job): job[0] for job in jobs}
+        # In the order points finish, so a slow point never hides the ones done after it.
+        for i, future in enumerate(as_completed(futures), 1):
             code, seconds, error = future.result()
-            status = f"done in {seconds:.1f} s" if code == 0 else f"FAILED (exit {code}): {error}"
+            status = f"done in {format_seconds(seconds)}" if code == 0 else f"FAILED (exit {code}): {error}"
             failures += code != 0
-            print(f"[{i}/{len(jobs)}] {folder.name}: {status}", flush=True)
+            left = len(jobs) - i
+            eta = f"; {left} left, ~{format_seconds((time.time() - start) / i * left)}" if left else ""
+            print(f"[{i}/{len(jobs)}] {futures[future].name}: {status}{eta}", flush=True)
     if failures:
         print(f"{failures} point(s) failed; their log.txt says why; rerun the same command to retry them")
     return 1 if failures else 0

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import math
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import yaml
 
 from overparam.errors import ConfigError
+from overparam.progress import format_seconds, interval_from_env
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -28,25 +31,57 @@ def fit(name: str, args: list[str], runs: Path) -> Path:
     """Run ``overparam fit ARGS`` as its own process; return its run folder ``runs/<name>``.
 
     The folder is fixed (CSV logger ``save_dir=runs``, ``name``, ``version=""``) so scripts
-    know where to read; a finished run (``DONE`` marker) is reused, not retrained.
+    know where to read; a finished run (``DONE`` marker) is reused, not retrained, and an
+    unfinished one (killed, or failed) is trained again from scratch. The run's output goes to
+    ``runs/<name>.log``; while it trains, its latest epoch line is repeated on stderr every
+    ``overparam.progress`` interval, so a long reproduction is never silent.
     """
     folder = runs / name
     if (folder / "DONE").exists():
+        progress_line(f"{name}: finished earlier, reused")
         return folder
+    if folder.exists():
+        shutil.rmtree(folder)
     command = [
         sys.executable, "-m", "overparam", "fit", *args,
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=", "--trainer.enable_progress_bar=false",
+        "--trainer.logger.init_args.version=", "--progress=lines",
     ]
+    log = runs / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    progress_line(f"{name}: training (log: {log})")
     start = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
-    (runs / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
-    (runs / f"{name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        last = [line for line in result.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
-        raise RuntimeError(f"run {name!r} failed (exit {result.returncode}): {last[0]}; log: {runs / (name + '.log')}")
-    (folder / "DONE").write_text(f"{time.time() - start:.1f}\n")
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        every, shown = interval_from_env(), None
+        while True:
+            try:
+                code = process.wait(timeout=None if math.isinf(every) else max(every, 0.5))
+                break
+            except subprocess.TimeoutExpired:
+                latest = _last_line(log, lambda line: line.startswith("epoch "))
+                if latest and latest != shown:
+                    progress_line(f"{name}: {latest}")
+                    shown = latest
+    if code != 0:
+        last = _last_line(log, lambda line: line.startswith("overparam: error:")) or _last_line(log, str.strip) or "(no output)"
+        raise RuntimeError(f"run {name!r} failed (exit {code}): {last}; log: {log}")
+    seconds = time.time() - start
+    (folder / "DONE").write_text(f"{seconds:.1f}\n")
+    progress_line(f"{name}: done in {format_seconds(seconds)}")
     return folder
+
+
+def progress_line(message: str) -> None:
+    """A stage of a reproduction, on stderr (``overparam reproduce: <message>``)."""
+    sys.stderr.write(f"overparam reproduce: {message}\n")
+    sys.stderr.flush()
+
+
+def _last_line(path: Path, keep: Callable[[str], Any]) -> Optional[str]:
+    """The last line of a text file that ``keep`` accepts, stripped."""
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if keep(line)]
+    return lines[-1] if lines else None
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
