@@ -213,9 +213,10 @@ def test_cli_run_killed_after_the_switch_resumes_with_the_small_batch(cli, tmp_p
     assert second.returncode == 0, second.stderr[-2000:]
     import csv
 
-    rows = list(csv.DictReader(next(tmp_path.glob("runs/*/version_1/metrics.csv")).open()))
+    # The resumed run continues in its own folder and its metrics.csv.
+    rows = list(csv.DictReader(next(tmp_path.glob("runs/*/version_0/metrics.csv")).open()))
     sizes = {int(r["epoch"]): float(r["batch_size"]) for r in rows if r.get("batch_size")}
-    assert sizes == {3: 50.0, 4: 50.0}, sizes
+    assert sizes == {0: 250.0, 1: 250.0, 2: 50.0, 3: 50.0, 4: 50.0}, sizes
     state = torch.load(ckpt.parent / "last.ckpt", weights_only=False)
     lrs = [g["lr"] for g in state["optimizer_states"][0]["param_groups"]]
     assert lrs == [pytest.approx(0.1 * 50 / 250)], "lr scaled once, not again after resume"
