@@ -61,7 +61,7 @@ def with_site(site: Path, **extra: str) -> dict:
 def test_plugins_lists_first_and_third_party_and_reports_the_broken_one(site, tmp_path):
     out = run_cli("plugins", cwd=tmp_path, env=with_site(site))
     assert "random_features  (overparam_random_features, from overparam-random-features)" in out.stdout
-    assert "tasks:       RandomFeatures" in out.stdout
+    assert "tasks:       RandomFeatures" in out.stdout and "datamodules: LinearTeacherData" in out.stdout
     assert "tasks:       TeacherStudent" in out.stdout and "datamodules: TeacherStudentData" in out.stdout
     assert "FAILED TO IMPORT: ImportError: needs libfoo" in out.stdout
     assert "plugin 'broken' (broken_plugin, distribution broken-plugin) failed to import" in out.stderr
@@ -78,6 +78,13 @@ def test_third_party_task_trains_by_short_name_with_callbacks_despite_a_broken_p
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"hessian/top1", "hessian/outliers", "constraints/N_delta", "constraints/N_delta_over_N"} <= set(header)
     assert (run / "hessian" / "end.npz").is_file() and (run / "constraints" / "end.npz").is_file()
+
+
+def test_the_example_datamodule_trains_the_example_task(site, tmp_path):
+    out = run_cli("fit", "--model", "RandomFeatures", "--model.num_features", "20", "--model.loss", "mse", "--model.lr", "0.02",
+                  "--data", "LinearTeacherData", "--data.num_train", "50", "--trainer.max_epochs", "2", cwd=tmp_path, env=with_site(site))
+    assert out.returncode == 0, out.stderr
+    assert "overparam summary: N = 21  P = 50  K = 1" in out.stdout
 
 
 def test_autoload_off_hides_third_party_and_env_adds_local_modules(site, tmp_path):
