@@ -7,6 +7,7 @@ from overparam.callbacks.ensemble import EnsembleEvaluation
 from overparam.callbacks.gradient_noise import GradientNoise
 from overparam.callbacks.hessian import HessianSpectrum
 from overparam.callbacks.progress import MetricsProgressBar, ProgressLines
+from overparam.callbacks.sharpness import SharpnessTracker
 
 __all__ = [
     "BatchSizeSwitch",
@@ -17,4 +18,5 @@ __all__ = [
     "InterpolationBarrier",
     "MetricsProgressBar",
     "ProgressLines",
+    "SharpnessTracker",
 ]

@@ -4,8 +4,11 @@ The talk's Observation 2 (Sagun et al. 2017, "Empirical analysis of the Hessian 
 over-parametrized neural networks"; Papyan 2019, 2020): at the start and at the end of training
 the Hessian of the training loss is a bulk near zero plus a few outliers, about one per class.
 This callback measures it on a fixed subset of the training set with the engine in
-``overparam.curvature`` (formulas and sources there) and, as an option, the share of the
-gradient that lies in the top-k eigenspace every n steps (Gur-Ari, Roberts & Dyer 2018).
+``overparam.curvature`` (formulas and sources there) and, as options, the share of the
+gradient that lies in the top-k eigenspace every n steps (Gur-Ari, Roberts & Dyer 2018), run
+from the Task's per-step hook on a second ``StepSchedule``, and the spectra of parameter blocks
+(``blocks``: the diagonal blocks H_bb of ``overparam.curvature.blocks``, and the block-diagonal
+spectrum diag(H_bb) against the full one).
 
 Outliers (the rule): with the top eigenvalues lambda_1 >= ... >= lambda_k (k = ``top_k``), the
 k-th one stands for the edge of the bulk, and the outliers are the eigenvalues above
@@ -23,10 +26,15 @@ tr(H^j)/N (j = 1..4) with their standard errors and the smoothed density with it
 standard error; a PNG ``<tag>.png`` like the talk's figure (log-scale histogram of the
 spectrum, outliers marked, the fit-start spectrum overlaid, a +-2 SE band, a caption with the
 number of probes and the convergence of the top-k), and with ``subspace_every_n_steps`` the
-series ``subspace.npz`` and ``subspace_overlap.png`` at fit end. Scalars go to every logger as
-``<name>/top1``, ``<name>/outliers``, ``<name>/trace``, ``<name>/unconverged``, ...; with K > 1
-members every name gets the suffix ``/member_k``. An eigenvalue that did not converge is
-reported by one ``rank_zero_warn`` per analysis naming the option to raise.
+series ``subspace.npz`` and ``subspace_overlap.png`` at fit end; with ``blocks``, per block
+``block_eigenvalues``, ``block_ritz_residuals``, ``block_converged``, ``block_trace`` (+ SE),
+``block_density_nodes``/``_weights`` and the block-diagonal ``block_diagonal_eigenvalues`` and
+``block_diagonal_density`` (on the full density's grid) in the .npz, and ``<tag>_blocks.png``.
+Scalars go to every logger as ``<name>/top1``, ``<name>/outliers``, ``<name>/trace``,
+``<name>/unconverged``, ``<name>/block/<block>/top1``, ``<name>/block_diagonal_top1``, ...; with
+K > 1 members every name gets the suffix ``/member_k``. An eigenvalue that did not converge is
+reported by one ``rank_zero_warn`` per analysis naming the option to raise (for the subspace
+series: once per run, later ones counted in ``subspace.npz``).
 
 BatchNorm: analyses run in eval mode, so BatchNorm uses its running statistics and the Hessian
 is that of a fixed function of theta (batch statistics would make it depend on the chunking).
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -44,27 +52,38 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from overparam.callbacks.base import FIT_START, AnalysisCallback, analysis_context
+from overparam.callbacks.base import FIT_START, AnalysisCallback, StepSchedule, analysis_context
 from overparam.curvature import (
     HVP_MODES,
+    BlockOperator,
     GGNOperator,
     HessianOperator,
     ResidualOperator,
     dense_hessian,
     density_band,
+    block_diagonal_slq,
+    block_indices,
+    eigsh,
     eigvalsh,
     histogram,
     hutchinson,
     moment_stderr,
+    merge_top_k,
     moments,
     operator_eigsh,
+    parameter_blocks,
     slq,
     subspace_fraction,
     subspace_overlap,
 )
+from overparam import plots
+from overparam.curvature.blocks import LAYERS, BlockSpec
 from overparam.curvature.lanczos import EigenResult
 from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
+
+if TYPE_CHECKING:
+    from overparam.task import StepRecord
 
 
 def count_outliers(eigenvalues: Sequence[float], ratio: float = 2.0) -> int:
@@ -79,6 +98,21 @@ def count_outliers(eigenvalues: Sequence[float], ratio: float = 2.0) -> int:
         return 0
     threshold = ratio * max(values[-1], 0.0)
     return sum(1 for v in values[:-1] if v > threshold)
+
+
+def block_index_sets(option: str, params: dict[str, Tensor], spec: BlockSpec) -> dict[str, Tensor]:
+    """``{block: flat indices}`` of ``parameter_blocks(params, spec)``; a bad spec as a one-line ConfigError.
+
+    Args:
+        option: the option's name for the message (``HessianSpectrum.blocks``).
+        params: one member's parameters (the functional view's names and order).
+        spec: ``"layers"`` or ``{block: glob or [globs]}`` (``overparam.curvature.blocks``).
+    """
+    try:
+        blocks = parameter_blocks(list(params), spec)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from exc
+    return {name: block_indices(params, names) for name, names in blocks.items()}
 
 
 class HessianSpectrum(AnalysisCallback):
@@ -118,12 +152,16 @@ class HessianSpectrum(AnalysisCallback):
         subspace_refresh_every_n_steps: recompute the top eigenvectors every n steps (default:
             at every measurement). In between, the last Ritz vectors are reused; a measurement at
             the step of a scheduled analysis reuses that analysis's Ritz vectors.
+        blocks: also the spectrum of each diagonal block H_bb of parameter blocks, ``"layers"``
+            (one per module) or ``{name: glob or [globs]}`` on the functional view's parameter
+            names (unmatched ones form ``rest``): top-k, trace and density per block, and the
+            block-diagonal spectrum diag(H_bb) against the full one (``<tag>_blocks.png``).
         at_fit_start, at_fit_end, every_n_epochs, at_epochs, name: ``AnalysisCallback``'s
             schedule (default: at fit start and at fit end) and folder/metric prefix.
 
     Raises:
-        ConfigError: for a bad value (named), ``exact`` with N > ``exact_max_params``, or a
-            DataModule without ``analysis_batches``.
+        ConfigError: for a bad value (named), ``exact`` with N > ``exact_max_params``, a
+            DataModule without ``analysis_batches``, or a block glob that matches nothing.
 
     Example::
 
@@ -163,6 +201,7 @@ class HessianSpectrum(AnalysisCallback):
         subspace_every_n_steps: Optional[int] = None,
         subspace_k: Optional[int] = None,
         subspace_refresh_every_n_steps: Optional[int] = None,
+        blocks: Optional[Union[str, dict[str, Union[str, list[str]]]]] = None,
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         every_n_epochs: Optional[int] = None,
@@ -177,7 +216,6 @@ class HessianSpectrum(AnalysisCallback):
             ("lanczos_basis", lanczos_basis),
             ("analysis_size", analysis_size),
             ("batch_size", batch_size),
-            ("subspace_every_n_steps", subspace_every_n_steps),
             ("subspace_k", subspace_k),
             ("subspace_refresh_every_n_steps", subspace_refresh_every_n_steps),
         ):
@@ -193,6 +231,10 @@ class HessianSpectrum(AnalysisCallback):
         if not outlier_ratio > 1:
             raise ConfigError(f"{cls}.outlier_ratio must be greater than 1, got {outlier_ratio!r}")
         check_choice(f"{cls}.hvp_mode", hvp_mode, HVP_MODES)
+        if isinstance(blocks, str) and blocks != LAYERS:
+            raise ConfigError(f"{cls}.blocks must be {LAYERS!r} or a mapping of block names to globs; got {blocks!r}")
+        self.blocks = blocks
+        self._block_indices: dict[str, Tensor] = {}
         self.top_k, self.bottom_k, self.lanczos_steps, self.tol = top_k, bottom_k, lanczos_steps, tol
         self.lanczos_basis = lanczos_basis
         self.density, self.density_probes, self.density_steps = density, density_probes, density_steps
@@ -201,6 +243,10 @@ class HessianSpectrum(AnalysisCallback):
         self.analysis_size, self.batch_size = analysis_size, batch_size
         self.hvp_mode, self.compile, self.seed, self.plot = hvp_mode, compile, seed, plot
         self.subspace_every_n_steps = subspace_every_n_steps
+        # The subspace series has its own step schedule (the base's ``steps`` is the analyses'),
+        # run from ``on_train_step`` like every step analysis: t = 0, n, 2n, ..., each once.
+        self.subspace_steps = StepSchedule(subspace_every_n_steps, f"{cls}.subspace_every_n_steps")
+        self._subspace_warned = False
         self.subspace_k = subspace_k
         self.subspace_refresh_every_n_steps = subspace_refresh_every_n_steps or subspace_every_n_steps
         self.subspace_history: list[dict[str, Any]] = []
@@ -221,6 +267,9 @@ class HessianSpectrum(AnalysisCallback):
                 f"{cls}.exact needs N <= exact_max_params = {self.exact_max_params}; this model has N = {N:,} "
                 "(turn exact off or raise exact_max_params)"
             )
+
+        if self.blocks is not None:
+            self._block_indices = block_index_sets(f"{cls}.blocks", pl_module.functional_view().member(0).params, self.blocks)
 
     def _num_top(self, pl_module: pl.LightningModule, N: int) -> int:
         k = self.top_k or max(2 * int(pl_module.num_outputs) + 1, 5)
@@ -260,6 +309,7 @@ class HessianSpectrum(AnalysisCallback):
                     "weights": result["weights"].tolist() if result["weights"] is not None else None,
                     "exact": result["exact"].tolist() if result["exact"] is not None else None,
                     "N": result["N"],
+                    "blocks": {n: b["top"].tolist() for n, b in result["blocks"].items()} if result["blocks"] else None,
                 }
             )
         self.log_metrics(trainer, pl_module, metrics)
@@ -272,6 +322,9 @@ class HessianSpectrum(AnalysisCallback):
                     filename = f"{tag}.png" if K == 1 else f"{tag}_member{k}.png"
                     path = self._plot(trainer, k, tag, filename)
                     self.log_image(trainer, "spectrum" if K == 1 else f"spectrum/member_{k}", path)
+                    if results[k]["blocks"]:
+                        path = self._plot_blocks(trainer, results[k], filename.replace(".png", "_blocks.png"))
+                        self.log_image(trainer, "blocks" if K == 1 else f"blocks/member_{k}", path)
 
     def _analyse_member(self, view, pl_module, batches, member: int, step: int) -> dict[str, Any]:
         loss_fn = pl_module.loss_fn
@@ -305,6 +358,9 @@ class HessianSpectrum(AnalysisCallback):
             out["moments"] = moments(result.nodes, result.weights, MOMENT_ORDERS)
             out["moment_stderr"] = moment_stderr(result.nodes, result.weights, MOMENT_ORDERS)
             out["density_grid"], out["density"], out["density_stderr"] = density_band(result.nodes, result.weights)
+        out["blocks"] = None
+        if self._block_indices:
+            self._analyse_blocks(H, k, eig_kwargs, scalars, out)
         if self.ggn_split:
             self._ggn_split(view, loss_fn, batches, k, eig_kwargs, scalars, out)
         scalars["unconverged"] = sum(n for _, n, _ in out["unconverged"])
@@ -314,6 +370,30 @@ class HessianSpectrum(AnalysisCallback):
             scalars["exact_top1"] = float(out["exact"][0])
         out["scalars"] = scalars
         return out
+
+    def _analyse_blocks(self, H: HessianOperator, k: int, eig_kwargs: dict, scalars: dict, out: dict) -> None:
+        """Top-k, trace and density of each diagonal block H_bb, and of diag(H_bb) (``curvature.blocks``)."""
+        blocks: dict[str, dict[str, Any]] = {}
+        for name, idx in self._block_indices.items():
+            op = BlockOperator(H, idx)
+            top = eigsh(op.matvec, op.dim, min(k, op.dim), dtype=op.dtype, device=op.device, **eig_kwargs)
+            block: dict[str, Any] = {"dim": op.dim, "top": top.eigenvalues, "residuals": top.residuals, "converged": top.converged}
+            scalars.update({f"block/{name}/top{i + 1}": float(v) for i, v in enumerate(top.eigenvalues)})
+            out["unconverged"] += _unconverged(f"block {name} top", top)
+            if self.trace_probes:
+                trace = hutchinson(op.matvec, op.dim, self.trace_probes, self.seed, op.dtype, op.device)
+                block["trace"], block["trace_stderr"] = trace.trace, trace.stderr
+                scalars[f"block/{name}/trace"] = trace.trace
+            if self.density:
+                block["slq"] = slq(op.matvec, op.dim, self.density_probes, self.density_steps, self.seed, op.dtype, op.device)
+            blocks[name] = block
+        merged, _ = merge_top_k([b["top"] for b in blocks.values()], k)
+        scalars.update({f"block_diagonal_top{i + 1}": float(v) for i, v in enumerate(merged)})
+        out["blocks"], out["block_diagonal_top"] = blocks, merged
+        out["block_diagonal_density"] = None
+        if self.density:
+            rule = block_diagonal_slq([b["slq"] for b in blocks.values()])
+            out["block_diagonal_density"] = density_band(rule.nodes, rule.weights, grid=out["density_grid"])
 
     def _ggn_split(self, view, loss_fn, batches, k, eig_kwargs, scalars, out) -> None:
         G = GGNOperator.from_view(view, loss_fn, batches)
@@ -387,6 +467,8 @@ class HessianSpectrum(AnalysisCallback):
             arrays["residual_extremes_converged"] = _stack([r["residual_extremes_converged"] for r in results])
         if self.exact:
             arrays["exact_eigenvalues"] = _stack([r["exact"] for r in results])
+        if results[0]["blocks"]:
+            arrays.update(_block_arrays(results))
         self.save_npz(trainer, f"{tag}.npz", **arrays)
 
     def _plot(self, trainer: pl.Trainer, member: int, tag: str, filename: str) -> str:
@@ -398,28 +480,38 @@ class HessianSpectrum(AnalysisCallback):
         plot_spectra(shown, path, self.outlier_ratio)
         return path
 
-    # --- gradient in the top subspace (issue 10) ---------------------------------------------------
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Every ``subspace_every_n_steps`` steps (grads present, params not yet updated): measure."""
-        n = self.subspace_every_n_steps
-        # global_step counts finished steps: 0 here before the first update.
-        if n is None or trainer.global_step % n != 0:
-            return
-        if any(h["step"] == trainer.global_step for h in self.subspace_history):
-            return  # already measured (a resumed run, or gradient accumulation)
-        with analysis_context(pl_module):
-            self._measure_subspace(trainer, pl_module)
+    def _plot_blocks(self, trainer: pl.Trainer, result: dict[str, Any], filename: str) -> str:
+        """The full spectrum against diag(H_bb), and each block's lambda_1 and tr/N_b (``plots``)."""
+        full = {"top": result["top"].numpy(), "grid": None}
+        diagonal = {"top": result["block_diagonal_top"].numpy(), "grid": None}
+        if result["block_diagonal_density"] is not None:
+            full.update(grid=result["density_grid"].numpy(), density=result["density"].numpy())
+            grid, phi, _ = result["block_diagonal_density"]
+            diagonal.update(grid=grid.numpy(), density=phi.numpy())
+        blocks = {n: {"top": b["top"].numpy(), "trace": b.get("trace"), "dim": b["dim"]} for n, b in result["blocks"].items()}
+        path = os.path.join(self.output_dir(trainer), filename)
+        return plots.save_figure(plots.plot_block_spectra(full, blocks, diagonal, result["N"]), path)
 
-    def _measure_subspace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # --- gradient in the top subspace (issue 10) ---------------------------------------------------
+    def on_train_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: "StepRecord") -> None:
+        """Before the update of step t (called by the Task; ``.grad`` holds the step's gradient):
+        the base's step schedule, then the subspace measurement when ``subspace_steps`` is due."""
+        super().on_train_step(trainer, pl_module, record)
+        if self.subspace_steps.due(record.index):
+            with analysis_context(pl_module):
+                self._measure_subspace(trainer, pl_module, record.index)
+            self.subspace_steps.mark(record.index)
+
+    def _measure_subspace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         view = pl_module.functional_view()
         batches = self._batches(trainer)
-        step, K = trainer.global_step, view.ensemble_size
+        K = view.ensemble_size
         metrics: dict[str, float] = {}
         for k in range(K):
             member = view.member(k)
             H = self._hessian(member, pl_module.loss_fn, batches)
             dim = min(self.subspace_k or int(pl_module.num_outputs), H.dim)
-            U, overlap, refreshed = self._subspace(H, k, dim, step)
+            U, overlap, refreshed, unconverged = self._subspace(H, k, dim, step)
             _, g_full = H.loss_and_gradient()
             g_batch = _minibatch_gradient(view, k)
             row = {
@@ -430,6 +522,7 @@ class HessianSpectrum(AnalysisCallback):
                 "fraction_batch": subspace_fraction(g_batch, U) if g_batch is not None else math.nan,
                 "overlap": overlap,
                 "refreshed": refreshed,
+                "unconverged": unconverged,
             }
             self.subspace_history.append(row)
             suffix = f"/member_{k}" if K > 1 else ""
@@ -438,12 +531,14 @@ class HessianSpectrum(AnalysisCallback):
                     metrics[f"subspace_{key}{suffix}"] = row[key]
         self.log_metrics(trainer, pl_module, metrics)
 
-    def _subspace(self, H: HessianOperator, member: int, dim: int, step: int) -> tuple[Tensor, float, bool]:
+    def _subspace(self, H: HessianOperator, member: int, dim: int, step: int) -> tuple[Tensor, float, bool, int]:
         """Top-``dim`` Ritz vectors, reused while fresh enough; overlap with the previous set.
 
-        Returns ``(U, overlap, refreshed)``: ``refreshed`` when U was computed at this step (here
-        or by a scheduled analysis at the same step); the overlap with the last refreshed U is
-        measured only then (NaN otherwise, and at the first measurement).
+        Returns ``(U, overlap, refreshed, unconverged)``: ``refreshed`` when U was computed at this
+        step (here or by a scheduled analysis at the same step); the overlap with the last
+        refreshed U is measured only then (NaN otherwise, and at the first measurement);
+        ``unconverged`` counts the Ritz pairs computed here that missed ``tol`` (the first time,
+        one warning on rank 0, not one per rank: ``_warn_subspace_unconverged``).
         """
         cached = self._ritz.get(member)
         reusable = (
@@ -451,8 +546,12 @@ class HessianSpectrum(AnalysisCallback):
             and cached[1].shape[1] >= dim
             and step - cached[0] < self.subspace_refresh_every_n_steps
         )
+        unconverged = 0
         if not reusable:
-            top = operator_eigsh(H, k=dim, max_steps=self.lanczos_steps, tol=self.tol, seed=self.seed)
+            top = operator_eigsh(H, k=dim, max_steps=self.lanczos_steps, tol=self.tol, seed=self.seed, warn=False)
+            unconverged = int((~top.converged).sum())
+            if unconverged:
+                self._warn_subspace_unconverged(step, top)
             cached = self._ritz[member] = (step, top.eigenvectors, top.eigenvalues)
         U = cached[1][:, :dim]
         refreshed = cached[0] == step
@@ -462,7 +561,20 @@ class HessianSpectrum(AnalysisCallback):
             if previous is not None:
                 overlap = subspace_overlap(previous, U)
             self._previous_vectors[member] = U
-        return U, overlap, refreshed
+        return U, overlap, refreshed, unconverged
+
+    def _warn_subspace_unconverged(self, step: int, top: EigenResult) -> None:
+        """Once per run, on rank 0: the subspace's eigenvectors missed ``tol`` (later ones are counted)."""
+        if self._subspace_warned:
+            return
+        self._subspace_warned = True
+        cls = type(self).__name__
+        (_, missing, detail), = _unconverged("subspace", top)
+        rank_zero_warn(
+            f"{cls} (subspace, step {step}): {missing} top eigenvectors not converged to tol = {self.tol:g} ({detail}); "
+            f"the fractions use them as they are. Later ones are counted in subspace.npz (unconverged), not warned "
+            f"about. Raise {cls}.lanczos_steps or loosen tol."
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the last epoch: the fit-end analysis, then the subspace series and its plot."""
@@ -475,7 +587,7 @@ class HessianSpectrum(AnalysisCallback):
         self.save_npz(
             trainer,
             "subspace.npz",
-            **{key: np.array([r[key] for r in rows]) for key in ("step", "epoch", "member", "fraction_full", "fraction_batch", "overlap", "refreshed")},
+            **{key: np.array([r[key] for r in rows]) for key in ("step", "epoch", "member", "fraction_full", "fraction_batch", "overlap", "refreshed", "unconverged")},
         )
         if self.plot:
             path = os.path.join(self.output_dir(trainer), "subspace_overlap.png")
@@ -484,11 +596,14 @@ class HessianSpectrum(AnalysisCallback):
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "subspace_history": self.subspace_history}
+        return {**super().state_dict(), "subspace_history": self.subspace_history, "subspace_last_step": self.subspace_steps.last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.subspace_history = list(state_dict.get("subspace_history", []))
+        # Checkpoints from before the shared schedule have only the history: its last step.
+        last = max((h["step"] for h in self.subspace_history), default=-1)
+        self.subspace_steps.last = int(state_dict.get("subspace_last_step", last))
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -523,6 +638,33 @@ def _stack(arrays: list[Optional[Tensor]]) -> np.ndarray:
     for k, a in enumerate(arrays):
         out[(k, *tuple(slice(0, s) for s in a.shape))] = a
     return out
+
+
+def _block_arrays(results: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Per-block arrays of the .npz: leading member axis K, then the block axis B (NaN-padded)."""
+    names = list(results[0]["blocks"])
+
+    def per_block(key: str) -> np.ndarray:
+        return _stack([_stack([r["blocks"][n][key] for n in names]) for r in results])
+
+    arrays = {
+        "block_names": np.array(names),
+        "block_sizes": np.array([results[0]["blocks"][n]["dim"] for n in names]),
+        "block_eigenvalues": per_block("top"),
+        "block_ritz_residuals": per_block("residuals"),
+        "block_converged": per_block("converged"),
+        "block_diagonal_eigenvalues": _stack([r["block_diagonal_top"] for r in results]),
+    }
+    if "trace" in results[0]["blocks"][names[0]]:
+        arrays["block_trace"] = np.array([[r["blocks"][n]["trace"] for n in names] for r in results])
+        arrays["block_trace_stderr"] = np.array([[r["blocks"][n]["trace_stderr"] for n in names] for r in results])
+    if results[0]["block_diagonal_density"] is not None:
+        arrays["block_density_nodes"] = _stack([_stack([r["blocks"][n]["slq"].nodes for n in names]) for r in results])
+        arrays["block_density_weights"] = _stack([_stack([r["blocks"][n]["slq"].weights for n in names]) for r in results])
+        for i, key in enumerate(("grid", "", "stderr")):
+            name = "block_diagonal_density" + (f"_{key}" if key else "")
+            arrays[name] = _stack([r["block_diagonal_density"][i] for r in results])
+    return arrays
 
 
 def _histogram_samples(result: dict[str, Any]) -> np.ndarray:

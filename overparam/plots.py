@@ -57,3 +57,85 @@ def plot_spherical_spectrum(eigenvalues: np.ndarray, energy: float, p: int) -> F
     ax.set(xlabel="eigenvalue of the Riemannian Hessian of H", ylabel="density")
     ax.legend(fontsize=7)
     return fig
+
+
+# --- sharpness and per-block spectra (callbacks/sharpness.py, callbacks/hessian.py) ----------
+def _step_line(ax, steps: np.ndarray, values: np.ndarray, **kwargs) -> None:
+    """A piecewise-constant series (a threshold that follows the lr), held until the next step."""
+    ax.step(steps, values, where="post", **kwargs)
+
+
+def plot_sharpness(rows: list[dict], title: str = "") -> Figure:
+    """lambda_1 against the optimizer step, with the stability threshold it is measured against.
+
+    ``rows`` are ``SharpnessTracker.history`` rows (one per measurement and member). One panel
+    for the sharpness lambda_1(H) and its threshold (2/lr, or the momentum one), and one for the
+    preconditioned sharpness lambda_1(P^-1 H) against (2 + 2 beta1) / ((1 - beta1) lr) when it was
+    measured; per-block lambda_1 as thin lines. Unconverged values are drawn hollow.
+    """
+    preconditioned = [r for r in rows if r.get("preconditioned_eigenvalues")]
+    panels = 2 if preconditioned else 1
+    fig = new_figure(5.5 * panels, 3.6)
+    members = sorted({r["member"] for r in rows})
+    specs = [("eigenvalues", "converged", "threshold", r"$\lambda_1(H)$", "stability threshold")]
+    if preconditioned:
+        specs.append(("preconditioned_eigenvalues", "preconditioned_converged", "preconditioned_threshold",
+                      r"$\lambda_1(P^{-1}H)$", r"$(2 + 2\beta_1)/((1 - \beta_1)\eta)$"))
+    for i, (key, flag, threshold, label, threshold_label) in enumerate(specs):
+        ax = fig.add_subplot(1, panels, i + 1)
+        for m in members:
+            mine = [r for r in rows if r["member"] == m and r.get(key)]
+            if not mine:
+                continue
+            steps = np.array([r["step"] for r in mine])
+            lam = np.array([r[key][0] for r in mine])
+            ok = np.array([bool(r[flag][0]) for r in mine])
+            suffix = f" (member {m})" if len(members) > 1 else ""
+            line = ax.plot(steps, lam, lw=1, label=label + suffix)[0]
+            ax.plot(steps[~ok], lam[~ok], "o", mfc="none", color=line.get_color(), ms=4,
+                    label="not converged" if (~ok).any() and m == members[0] else None)
+            if i == 0:
+                for b, name in enumerate(mine[0].get("blocks") or {}):
+                    values = np.array([r["blocks"][name]["eigenvalues"][0] for r in mine])
+                    ax.plot(steps, values, lw=0.7, ls="--", color=f"C{b + 2}", label=rf"block {name}{suffix}")
+        first = [r for r in rows if r["member"] == members[0] and r.get(key)]
+        steps = np.array([r["step"] for r in first])
+        _step_line(ax, steps, np.array([r[threshold] for r in first]), color="k", ls=":", lw=1.2, label=threshold_label)
+        ax.set(xlabel="optimizer step", ylabel="sharpness")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_block_spectra(full: dict, blocks: dict[str, dict], block_diagonal: dict, N: int) -> Figure:
+    """The full Hessian's spectrum against the block-diagonal one, and each block's top eigenvalue.
+
+    Args:
+        full: ``{"grid", "density", "top"}`` of H (SLQ density on a grid, top-k eigenvalues).
+        blocks: per block ``{"top", "trace", "dim"}``.
+        block_diagonal: ``{"grid", "density", "top"}`` of diag(H_bb) (the blocks' SLQ rules merged).
+        N: the number of parameters.
+    """
+    fig = new_figure(10.5, 3.8)
+    ax = fig.add_subplot(1, 2, 1)
+    peak = max((float(np.max(s["density"])) for s in (full, block_diagonal) if s.get("grid") is not None), default=1.0)
+    for spectrum, label, color in ((full, "full H", "tab:blue"), (block_diagonal, "block-diagonal diag(H_bb)", "tab:red")):
+        if spectrum.get("grid") is not None:
+            ax.plot(spectrum["grid"], spectrum["density"], color=color, lw=1, label=f"{label} (SLQ density)")
+        for j, lam in enumerate(spectrum["top"]):
+            ax.axvline(lam, color=color, ls="--", lw=0.8, label=f"{label}: top-{len(spectrum['top'])}" if j == 0 else None)
+    ax.set(yscale="log", ylim=(peak * 1e-6, peak * 3), xlabel="eigenvalue", ylabel="density (log)",
+           title=f"Hessian spectrum, N = {N:,}")
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(1, 2, 2)
+    names = list(blocks)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [blocks[n]["top"][0] for n in names], width=0.4, label=r"$\lambda_1(H_{bb})$")
+    if all(blocks[n].get("trace") is not None for n in names):
+        ax.bar(x + 0.2, [blocks[n]["trace"] / blocks[n]["dim"] for n in names], width=0.4, label=r"tr$(H_{bb})/N_b$")
+    ax.axhline(full["top"][0], color="tab:blue", ls="--", lw=0.8, label=r"$\lambda_1(H)$")
+    ax.set_xticks(x, [f"{n}\n(N_b = {blocks[n]['dim']:,})" for n in names], fontsize=7)
+    ax.set(ylabel="eigenvalue", title="per block")
+    ax.legend(fontsize=7)
+    return fig

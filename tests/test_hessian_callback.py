@@ -166,14 +166,57 @@ def test_projection_is_exact_when_k_equals_n(tmp_path):
         assert row["fraction_batch"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_subspace_non_convergence_is_warned_about_once(tmp_path):
+    callback = HessianSpectrum(top_k=3, density=False, trace_probes=0, at_fit_start=False, at_fit_end=False,
+                               subspace_every_n_steps=1, subspace_k=3, lanczos_steps=2)
+    with pytest.warns(UserWarning, match=r"HessianSpectrum \(subspace, step 0\): 3 top eigenvectors not converged") as record:
+        trainer, _, _ = _fit(tmp_path, [callback])
+    assert sum("not converged" in str(w.message) for w in record) == 1, "one warning per run, not per step or rank"
+    assert [r["unconverged"] for r in callback.subspace_history] == [3, 3, 3]
+    assert callback.subspace_steps.last == 2 and trainer.lightning_module._direct, "no optimizer hook: the Task steps itself"
+
+
+def test_block_spectra_match_the_diagonal_blocks_of_the_dense_hessian(tmp_path):
+    callback = HessianSpectrum(top_k=3, blocks={"hidden": "layers.1.*"}, density_steps=12, density_probes=3, trace_probes=3,
+                               at_fit_start=False)
+    trainer, task, data = _fit(tmp_path, [callback])
+    view = task.functional_view()
+    H = dense_hessian(view.fn, view.params, task.loss_fn, data.analysis_batches(), view.buffers, dtype=torch.float64)
+    sizes = {"hidden": (5 + 1) * 8, "rest": (8 + 1) * 3}  # layers.1 (5 -> 8), the head layers.3 (8 -> 3)
+    start, blocks = 0, {}
+    for name in ("hidden", "rest"):
+        blocks[name] = eigvalsh(H[start : start + sizes[name], start : start + sizes[name]])
+        start += sizes[name]
+    end = callback.history[-1]
+    for name, exact in blocks.items():
+        np.testing.assert_allclose(end["blocks"][name], exact[:3].numpy(), rtol=1e-4, err_msg=name)
+        assert end[f"block/{name}/top1"] == pytest.approx(float(exact[0]), rel=1e-4)
+    merged = torch.cat(list(blocks.values())).sort(descending=True).values[:3]
+    np.testing.assert_allclose([end[f"block_diagonal_top{i}"] for i in (1, 2, 3)], merged.numpy(), rtol=1e-4)
+    arrays = np.load(f"{trainer.log_dir}/hessian/end.npz")
+    assert list(arrays["block_names"]) == ["hidden", "rest"] and list(arrays["block_sizes"]) == [48, 27]
+    assert arrays["block_eigenvalues"].shape == (1, 2, 3) and np.all(arrays["block_converged"] == 1)
+    assert arrays["block_trace"].shape == arrays["block_trace_stderr"].shape == (1, 2)
+    assert arrays["block_density_nodes"].shape == (1, 2, 3, 12)
+    assert arrays["block_diagonal_density"].shape == arrays["density"].shape
+    assert (tmp_path.joinpath(*trainer.log_dir.split("/")[-2:], "hessian", "end_blocks.png")).stat().st_size > 10_000
+    with pytest.raises(ConfigError, match=r"HessianSpectrum.blocks: block 'head': \['net.6.\*'\] matches no parameter"):
+        _fit(tmp_path / "bad", [HessianSpectrum(blocks={"head": "net.6.*"})])
+
+
 def test_state_dict_keeps_history_and_done_tags():
     callback = HessianSpectrum()
     callback.history = [{"tag": "start", "top1": 1.0}]
     callback.done = ["start"]
     callback.subspace_history = [{"step": 0}]
+    callback.subspace_steps.mark(4)
     restored = HessianSpectrum()
     restored.load_state_dict(callback.state_dict())
     assert restored.history == callback.history and restored.done == ["start"] and restored.subspace_history == [{"step": 0}]
+    assert restored.subspace_steps.last == 4
+    old = {k: v for k, v in callback.state_dict().items() if k != "subspace_last_step"}  # before the shared schedule
+    restored.load_state_dict(old)
+    assert restored.subspace_steps.last == 0, "falls back to the subspace history's last step"
 
 
 def test_cli_run_writes_files_and_logs_values(cli, tmp_path):
