@@ -30,7 +30,14 @@ def dense_hessian(
     buffers: Optional[Params] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """The N x N Hessian of ``1/P sum_i l(f(theta; x_i), y_i)`` by ``torch.func.hessian``."""
+    """The N x N Hessian of ``1/P sum_i l(f(theta; x_i), y_i)`` by ``jacfwd(grad(L))``.
+
+    Not ``torch.func.hessian`` (``jacfwd(jacrev(L))``): differentiating through ``jacrev`` (a vjp
+    vmapped over the basis) of a LayerNorm with an affine weight gives a wrong, non-symmetric
+    matrix in torch 2.14 (``jacrev(jacrev(L))`` too; cf. functorch issue #534 on LayerNorm's
+    batched backward), while ``jacfwd`` of the plain ``grad`` is exact: ``tests/test_transformer.py``
+    checks it against finite differences and double-backward products with LayerNorm on.
+    """
     like, buffers, batches, theta = _flat_setup(params, buffers, batches, dtype)
 
     def batch_loss(flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -38,7 +45,7 @@ def dense_hessian(
 
     H = torch.zeros(theta.numel(), theta.numel(), dtype=theta.dtype, device=theta.device)
     for x, y in batches:
-        H += torch.func.hessian(batch_loss)(theta, x, y)
+        H += torch.func.jacfwd(torch.func.grad(batch_loss))(theta, x, y)
     all_reduce_sum(H)
     return H / total_count(sum(x.shape[0] for x, _ in batches), theta.device)
 
