@@ -2,25 +2,34 @@
 
 Engines in ``overparam/noise.py`` (formulas and sources there). Two measurements:
 
-* ``noise/B_simple`` (McCandlish et al. 2018), ``noise/G2`` and ``noise/trace_sigma``: ratio of
-  running means over the steps measured since the last log, logged at the end of each epoch.
+* ``noise/B_simple`` (McCandlish et al. 2018) with its standard error ``noise/B_simple_se``,
+  ``noise/G2`` and ``noise/trace_sigma``: ratio of running means over the steps measured since
+  the last log, logged at the end of each epoch; the per-step series and every SE go to
+  ``<run>/noise/B_simple_epoch<e>.npz`` (``noise.noise_scale``: delta method with
+  successive-difference variances; nan and a warning below ``noise.MIN_SE_STEPS`` steps).
   Under DDP the per-rank gradient is the small batch and the all-reduced one the big batch: a
   DDP communication hook reads each rank's local gradient bucket before the all-reduce, so no
-  extra forward or backward pass and no per-step collective is made (the running sums are
-  all-reduced once per epoch, when logged). On one
+  extra forward or backward pass and no per-step collective is made (each rank keeps its share
+  of every step's estimate; the series is all-reduced once per epoch, when logged). On one
   device per-sample gradients of the training batch (``vmap(grad)``, chunked) are grouped into
   small batches of ``small_batch`` points.
-* ``noise/alpha`` and ``noise/alpha/<parameter>`` (Simsekli et al. 2019): the tail index of
-  ``g_minibatch - g_full`` over ``num_minibatches`` minibatches of the current training batch
-  size drawn from the DataModule's analysis subset, whose full gradient is the reference. Run
-  on the analysis schedule (``at_fit_end``, ``every_n_epochs``, ``at_epochs``).
+* ``noise/alpha`` with its 95% interval ``noise/alpha_lo``, ``noise/alpha_hi``, and
+  ``noise/alpha/<parameter>`` (Simsekli et al. 2019): the tail index of ``g_minibatch -
+  g_full`` over ``num_minibatches`` minibatches of the current training batch size drawn from
+  the DataModule's analysis subset, whose full gradient is the reference. The interval is the
+  estimator's block-to-block standard error with the minibatches as independent clusters
+  (``noise.tail_index``); per-layer intervals are in ``<run>/noise/alpha_<tag>.npz``. Run on
+  the analysis schedule (``at_fit_end``, ``every_n_epochs``, ``at_epochs``).
 
 K > 1 (ensembles): every quantity per member (``.../member_k``), the unsuffixed name is the mean
-over members (of B_simple and alpha).
+over members (of B_simple and alpha), with the SE or interval of that mean (the members share
+their batches, so their errors correlate: handled through the influence series).
 """
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -28,9 +37,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from overparam.callbacks.base import AnalysisCallback
-from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError, check_positive
-from overparam.noise import NoiseScale, gradient_noise_samples, per_sample_moments, tail_indices, two_batch_estimates
+from overparam.noise import (
+    DEFAULT_LEVEL,
+    MAX_G2_REL_SE,
+    MIN_CLUSTERS,
+    MIN_SE_STEPS,
+    NoiseScale,
+    NoiseScaleEstimate,
+    TailIndex,
+    gradient_noise_samples,
+    member_mean_tail_index,
+    per_sample_moments,
+    tail_indices,
+    two_batch_estimates,
+)
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
@@ -42,14 +63,16 @@ class GradientNoise(AnalysisCallback):
     Args:
         every_n_steps: measure B_simple at every n-th optimizer step (None: never). Under DDP
             a measurement is nearly free; on one device it costs per-sample gradients of the
-            batch. Default 10.
+            batch. Default 10. B_simple's standard error needs ``noise.MIN_SE_STEPS`` (20)
+            measured steps per epoch: at most steps-per-epoch / 20.
         small_batch: one device only: points per small batch of the two-batch estimator
             (default 1: per-sample gradients, the unbiased sample variance). Must divide the
             batch size.
         per_sample_chunk: per-sample gradients computed this many at a time (memory bound).
         tail_index: also estimate alpha on the analysis schedule.
         num_minibatches: minibatches whose noise is pooled for alpha (K = num_minibatches * N
-            coordinates). Default 32.
+            coordinates); they are the independent clusters of alpha's standard error, which
+            needs ``noise.MIN_CLUSTERS`` of them. Default 32.
         minibatch_size: global size of those minibatches (default: the current training batch
             size, capped at the analysis subset).
         K1: block length of the tail-index estimator (default sqrt(K), see ``noise.tail_index``).
@@ -99,18 +122,18 @@ class GradientNoise(AnalysisCallback):
         self.num_minibatches = num_minibatches
         self.minibatch_size = minibatch_size
         self.K1 = K1
-        self.scales: list[NoiseScale] = []
+        self.scale = NoiseScale()
+        self._warned: set[str] = set()
+        self._K = 1
         self._ddp = False
         self._trainer: Optional[pl.Trainer] = None
         self._local_sq: Optional[torch.Tensor] = None  # DDP: (K,) local |grad|^2 from the comm hook
 
     # --- setup ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Before the first step: one running mean per member; under DDP register the comm hook."""
+        """Before the first step: under DDP register the comm hook."""
         super().on_train_start(trainer, pl_module)
-        K = getattr(pl_module, "ensemble_size", 1)
-        if len(self.scales) != K:
-            self.scales = [NoiseScale() for _ in range(K)]
+        self._K = getattr(pl_module, "ensemble_size", 1)
         self._ddp = trainer.world_size > 1
         self._trainer = trainer
         if self._ddp and self.every_n_steps is not None:
@@ -128,7 +151,7 @@ class GradientNoise(AnalysisCallback):
         # The backward of step t runs while global_step is t: record only on measured steps.
         if not self.steps.due(self._trainer.global_step):
             return allreduce_hook(None, bucket)
-        K = len(self.scales) or 1
+        K = self._K
         sq = None
         for g in bucket.gradients():
             # Stacked ensemble parameters carry the member dimension first.
@@ -159,8 +182,8 @@ class GradientNoise(AnalysisCallback):
                 for x, y in record.data.chunks
             ]
             estimates = [self._merge(parts).estimates()[:2] for parts in zip(*moments)]
-        for scale, (G2, S) in zip(self.scales, estimates):
-            scale.update(G2, S)
+        G2, S = (torch.stack(v) for v in zip(*estimates))  # (K,) each
+        self.scale.update(step, G2, S)
         self._local_sq = None
 
     @staticmethod
@@ -175,7 +198,7 @@ class GradientNoise(AnalysisCallback):
 
     def _ddp_estimates(self, trainer: pl.Trainer, pl_module: pl.LightningModule, b: int, n: int) -> list:
         """``b``: this rank's points in the step, ``n``: the global batch size."""
-        K, W = len(self.scales), trainer.world_size
+        K, W = self._K, trainer.world_size
         device = pl_module.device
         # p.grad is the global mean gradient (the Task scales each rank's sum by W / n and DDP
         # averages); the bucket held W / n times this rank's summed gradient.
@@ -186,36 +209,70 @@ class GradientNoise(AnalysisCallback):
         local = self._local_sq if self._local_sq is not None else torch.zeros(K, dtype=torch.float64, device=device)
         local = local * (n / (W * b)) ** 2  # |mean gradient over this rank's b points|^2
         # The estimators are linear in |G_small|^2 (mean over ranks) and |G_big|^2 (the same on
-        # every rank): each rank adds its 1/W share and the running sums are all-reduced once,
-        # when logged (``_reduce_ddp_sums``), so a step costs no collective of its own.
+        # every rank): each rank keeps its 1/W share of each step's estimate and the series is
+        # all-reduced once, when logged (``NoiseScale.all_reduce``), so a step costs no collective.
         return [two_batch_estimates(local[k] / W, big[k] / W, n / W, n) for k in range(K)]
 
-    def _reduce_ddp_sums(self, device: torch.device) -> None:
-        sums = torch.tensor([[s.G2_sum, s.S_sum] for s in self.scales], dtype=torch.float64, device=device)
-        all_reduce_sum(sums)
-        for s, (G2, S) in zip(self.scales, sums.tolist()):
-            s.G2_sum, s.S_sum = G2, S
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the epoch's running-mean B_simple, then run the tail index if scheduled."""
-        if self._ddp and self.every_n_steps is not None and self.scales:
-            self._reduce_ddp_sums(pl_module.device)  # every rank calls it (same step counts)
-        if self.scales and any(s.n for s in self.scales):
-            metrics = self._scale_metrics()
+        """Log the epoch's B_simple with its SE and save its series, then run the tail index if scheduled."""
+        # Every rank measured the same steps, so all of them take this branch (and its collective) together.
+        if self.scale.steps:
+            if self._ddp:
+                self.scale.all_reduce()
+            estimate = self.scale.estimate()
+            metrics = self._scale_metrics(estimate)
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
             self.log_metrics(trainer, pl_module, metrics)
-            for s in self.scales:
-                s.reset()
+            self._save_series(trainer, estimate)
+            self._check_scale(trainer, estimate)
+            self.scale.reset()
         super().on_train_epoch_end(trainer, pl_module)
 
-    def _scale_metrics(self) -> dict[str, float]:
+    def _scale_metrics(self, e: NoiseScaleEstimate) -> dict[str, float]:
+        K = e.B_simple.numel()
         values = {}
-        for k, s in enumerate(self.scales):
-            suffix = f"/member_{k}" if len(self.scales) > 1 else ""
-            values.update({f"B_simple{suffix}": s.B_simple, f"G2{suffix}": s.G2, f"trace_sigma{suffix}": s.trace_sigma})
-        if len(self.scales) > 1:
-            values["B_simple"] = sum(s.B_simple for s in self.scales) / len(self.scales)
+        for k in range(K):
+            suffix = f"/member_{k}" if K > 1 else ""
+            values.update({
+                f"B_simple{suffix}": float(e.B_simple[k]), f"B_simple_se{suffix}": float(e.B_simple_se[k]),
+                f"G2{suffix}": float(e.G2[k]), f"trace_sigma{suffix}": float(e.trace_sigma[k]),
+            })
+        if K > 1:
+            values.update({"B_simple": e.B_simple_mean, "B_simple_se": e.B_simple_mean_se})
         return values
+
+    def _save_series(self, trainer: pl.Trainer, e: NoiseScaleEstimate) -> None:
+        """``B_simple_epoch<e>.npz``: the per-step series, (K, n), and every estimate with its SE, (K,)."""
+        series = self.scale.series()  # (n, K, 2)
+        self.save_npz(
+            trainer, f"B_simple_epoch{trainer.current_epoch}.npz",
+            step=torch.tensor(self.scale.steps), G2_steps=series[..., 0].T, trace_sigma_steps=series[..., 1].T,
+            B_simple=e.B_simple, B_simple_se=e.B_simple_se, G2=e.G2, G2_se=e.G2_se,
+            trace_sigma=e.trace_sigma, trace_sigma_se=e.trace_sigma_se,
+            B_simple_mean=e.B_simple_mean, B_simple_mean_se=e.B_simple_mean_se,
+        )
+
+    def _check_scale(self, trainer: pl.Trainer, e: NoiseScaleEstimate) -> None:
+        """Warn (each once per fit) when the SE is missing or the delta method behind it does not hold."""
+        epoch = trainer.current_epoch
+        if e.steps < MIN_SE_STEPS and "steps" not in self._warned:
+            self._warned.add("steps")
+            rank_zero_warn(
+                f"GradientNoise: epoch {epoch} measured B_simple at {e.steps} steps; its standard error needs at "
+                f"least {MIN_SE_STEPS} per epoch, so noise/B_simple_se is nan. To get it, measure more often "
+                f"(every_n_steps={self.every_n_steps}: at most the steps per epoch / {MIN_SE_STEPS}) or, at "
+                f"every_n_steps=1, take more steps per epoch (a smaller batch). Warned once per fit."
+            )
+        unresolved = (e.G2_se > MAX_G2_REL_SE * e.G2.abs()).nonzero().flatten().tolist()
+        if unresolved and "G2" not in self._warned:
+            self._warned.add("G2")
+            k = unresolved[0]
+            rank_zero_warn(
+                f"GradientNoise: at epoch {epoch} |G|^2 = {float(e.G2[k]):.4g} +- {float(e.G2_se[k]):.2g} (member {k}) "
+                f"is not resolved from 0 (its 95% interval holds 0), so B_simple = tr(Sigma) / |G|^2 has no bounded "
+                f"95% interval and noise/B_simple_se (delta method) does not describe its uncertainty. More measured "
+                f"steps (a smaller every_n_steps) shrink G2's SE. Warned once per fit; G2_se is in B_simple_epoch*.npz."
+            )
 
     # --- tail index ---------------------------------------------------------------------------------
     def analyse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
@@ -240,29 +297,63 @@ class GradientNoise(AnalysisCallback):
             minibatches.append([(x_all[local], y_all[local])])
         view = pl_module.functional_view()
         values: dict[str, float] = {}
-        alphas = []
+        arrays: dict[str, float] = {}
+        pooled = []
         for k, m in enumerate(view.members()):
             noise = gradient_noise_samples(m.fn, m.params, m.buffers, pl_module.loss_fn, full, P_sub, minibatches, b)
             alpha, per_layer = tail_indices(noise, self.K1)
             suffix = f"/member_{k}" if view.ensemble_size > 1 else ""
-            values[f"alpha{suffix}"] = alpha
-            values.update({f"alpha/{name}{suffix}": a for name, a in per_layer.items()})
-            alphas.append(alpha)
+            lo, hi = alpha.interval()
+            values.update({f"alpha{suffix}": alpha.alpha, f"alpha_lo{suffix}": lo, f"alpha_hi{suffix}": hi})
+            values.update({f"alpha/{name}{suffix}": a.alpha for name, a in per_layer.items()})
+            arrays.update(_interval_arrays("", suffix, alpha))
+            for name, a in per_layer.items():
+                arrays.update(_interval_arrays(f"/{name}", suffix, a))
+            pooled.append(alpha)
         if view.ensemble_size > 1:
-            values["alpha"] = sum(alphas) / len(alphas)
+            # The members' mean with the delta-method interval of that mean (shared minibatches).
+            mean, se = member_mean_tail_index(pooled)
+            z = NormalDist().inv_cdf(0.5 + DEFAULT_LEVEL / 2)
+            values.update({"alpha": mean, "alpha_lo": mean - z * se, "alpha_hi": mean + z * se})
+            arrays["alpha_se"] = se
+        arrays.update(values)
+        self._check_alpha(pooled)
         self.history.append({"tag": tag, "epoch": trainer.current_epoch, "minibatch_size": b, **values})
         self.log_metrics(trainer, pl_module, values)
-        self.save_npz(trainer, f"alpha_{tag.replace('=', '')}.npz", **{k.replace("/", "."): v for k, v in values.items()})
+        self.save_npz(trainer, f"alpha_{tag.replace('=', '')}.npz", **{k.replace("/", "."): v for k, v in arrays.items()})
+
+    def _check_alpha(self, pooled: Sequence[TailIndex]) -> None:
+        """Warn once per fit when alpha came without an interval (too few minibatches)."""
+        if any(math.isfinite(a.alpha) and a.clusters < MIN_CLUSTERS for a in pooled) and "clusters" not in self._warned:
+            self._warned.add("clusters")
+            rank_zero_warn(
+                f"GradientNoise: alpha's interval needs at least {MIN_CLUSTERS} minibatches (its independent "
+                f"clusters), got num_minibatches={self.num_minibatches}: noise/alpha_lo and alpha_hi are nan. "
+                f"Raise num_minibatches to get them. Warned once per fit."
+            )
 
     # --- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["scales"] = [(s.G2_sum, s.S_sum, s.n) for s in self.scales]
+        state["scale"] = {"steps": list(self.scale.steps), "values": [v.tolist() for v in self.scale.values]}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.scales = [NoiseScale(G2, S, n) for G2, S, n in state_dict.get("scales", [])]
+        saved = state_dict.get("scale", {"steps": [], "values": []})
+        self.scale = NoiseScale(list(saved["steps"]), [torch.tensor(v, dtype=torch.float64) for v in saved["values"]])
+
+
+def _interval_arrays(name: str, suffix: str, a: TailIndex) -> dict[str, float]:
+    """The .npz entries of one tail-index estimate: its SE, 68% and logged-level intervals, what they rest on."""
+    lo68, hi68 = a.interval(0.68)
+    lo, hi = a.interval(DEFAULT_LEVEL)
+    return {
+        f"alpha_se{name}{suffix}": a.alpha**2 * a.inv_alpha_se, f"inv_alpha{name}{suffix}": a.inv_alpha,
+        f"inv_alpha_se{name}{suffix}": a.inv_alpha_se, f"alpha_lo68{name}{suffix}": lo68, f"alpha_hi68{name}{suffix}": hi68,
+        f"alpha_lo{name}{suffix}": lo, f"alpha_hi{name}{suffix}": hi, f"K1{name}{suffix}": a.K1,
+        f"K2{name}{suffix}": a.K2, f"clusters{name}{suffix}": a.clusters,
+    }
 
 
 def _sq_norms(g: torch.Tensor, K: int) -> torch.Tensor:
