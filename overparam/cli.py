@@ -82,6 +82,7 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.already_saved or not self.save_to_log_dir:
             super().setup(trainer, pl_module, stage)
+            STARTUP_LINES.release()
             return
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank is here
         taken = trainer.strategy.broadcast(bool(log_dir) and os.path.isfile(os.path.join(log_dir, CONFIG_FILE)))
