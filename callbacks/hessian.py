@@ -81,6 +81,7 @@ from overparam.curvature.blocks import LAYERS, BlockSpec
 from overparam.curvature.lanczos import EigenResult
 from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
+from overparam.progress import Progress
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
@@ -326,13 +327,17 @@ class HessianSpectrum(AnalysisCallback):
                         path = self._plot_blocks(trainer, results[k], filename.replace(".png", "_blocks.png"))
                         self.log_image(trainer, "blocks" if K == 1 else f"blocks/member_{k}", path)
 
+    def _progress(self, pl_module: pl.LightningModule, what: str) -> Optional[Progress]:
+        """Progress lines of one long computation, on rank 0 only (``overparam.progress``)."""
+        return Progress(f"{type(self).__name__} {what}") if pl_module.trainer.is_global_zero else None
+
     def _analyse_member(self, view, pl_module, batches, member: int, step: int) -> dict[str, Any]:
         loss_fn = pl_module.loss_fn
         H = self._hessian(view, loss_fn, batches)
         k = self._num_top(pl_module, H.dim)
         # The engine's own warning is off: every rank would emit it; ``_warn_unconverged`` warns on rank 0.
         eig_kwargs = {"max_steps": self.lanczos_steps, "max_basis": self.lanczos_basis, "tol": self.tol, "seed": self.seed, "warn": False}
-        top = operator_eigsh(H, k=k, **eig_kwargs)
+        top = operator_eigsh(H, k=k, progress=self._progress(pl_module, f"top-{k} (Lanczos)"), **eig_kwargs)
         if H.hvp_mode != "auto":  # chosen during the products: later operators skip the choice
             self._resolved_mode = H.hvp_mode
         if self.subspace_every_n_steps is not None:  # reused by the subspace measurements
@@ -353,7 +358,8 @@ class HessianSpectrum(AnalysisCallback):
             scalars["trace"], scalars["trace_stderr"] = trace.trace, trace.stderr
         out["nodes"] = out["weights"] = None
         if self.density:
-            result = slq(H.matvec, H.dim, self.density_probes, self.density_steps, self.seed, H.dtype, H.device)
+            result = slq(H.matvec, H.dim, self.density_probes, self.density_steps, self.seed, H.dtype, H.device,
+                         progress=self._progress(pl_module, "density (SLQ)"))
             out["nodes"], out["weights"] = result.nodes, result.weights
             out["moments"] = moments(result.nodes, result.weights, MOMENT_ORDERS)
             out["moment_stderr"] = moment_stderr(result.nodes, result.weights, MOMENT_ORDERS)
@@ -366,7 +372,8 @@ class HessianSpectrum(AnalysisCallback):
         scalars["unconverged"] = sum(n for _, n, _ in out["unconverged"])
         out["exact"] = None
         if self.exact:
-            out["exact"] = eigvalsh(dense_hessian(view.fn, view.params, loss_fn, batches, view.buffers))
+            dense = dense_hessian(view.fn, view.params, loss_fn, batches, view.buffers, progress=self._progress(pl_module, "exact Hessian"))
+            out["exact"] = eigvalsh(dense)
             scalars["exact_top1"] = float(out["exact"][0])
         out["scalars"] = scalars
         return out

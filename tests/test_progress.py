@@ -97,3 +97,31 @@ def test_the_bar_shows_the_key_metrics(tmp_path, capsys):
     trainer = _fit(tmp_path, [MetricsProgressBar()], epochs=1)
     shown = MetricsProgressBar().get_metrics(trainer, trainer.lightning_module)
     assert set(shown) >= {"train/loss", "train/error"} and "v_num" not in shown
+
+
+def test_lanczos_slq_and_the_exact_hessian_report_their_progress():
+    import torch
+
+    from overparam.curvature import eigsh, slq
+    from overparam.curvature.exact import COLUMNS_PER_CALL, dense_hessian
+    from overparam.functional import module_fn
+    from overparam.losses import get_loss
+
+    diagonal = torch.linspace(1.0, 2.0, 50, dtype=torch.float64)
+    out = io.StringIO()
+    result = eigsh(lambda v: diagonal * v, 50, k=2, dtype=torch.float64, progress=Progress("Lanczos", every_seconds=0, stream=out))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Lanczos: 1/") and "products" in lines[0] and lines[0].endswith("converged 0/2")
+    assert lines[-1] == f"Lanczos: {result.num_matvecs} products done in {lines[-1].split(' done in ')[1].split(',')[0]}, converged 2/2"
+
+    out = io.StringIO()
+    slq(lambda v: diagonal * v, 50, num_probes=3, num_steps=10, dtype=torch.float64, progress=Progress("SLQ", every_seconds=0, stream=out))
+    assert [line.split(",")[0] for line in out.getvalue().splitlines()[:3]] == ["SLQ: 1/3 probes (33%)", "SLQ: 2/3 probes (67%)", "SLQ: 3/3 probes (100%)"]
+
+    net = torch.nn.Sequential(torch.nn.Linear(20, 14), torch.nn.Tanh(), torch.nn.Linear(14, 3)).double()  # N = 339
+    batches = [(torch.randn(8, 20, dtype=torch.float64), torch.randint(3, (8,)))]
+    out = io.StringIO()
+    dense_hessian(module_fn(net), dict(net.named_parameters()), get_loss("cross_entropy"), batches,
+                  progress=Progress("exact", every_seconds=0, stream=out))
+    blocks = -(-339 // COLUMNS_PER_CALL)
+    assert out.getvalue().splitlines()[0].startswith(f"exact: 1/{blocks} column blocks")

@@ -45,6 +45,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from overparam.progress import Progress, track
+
 MatVec = Callable[[Tensor], Tensor]
 WHICH = ("largest", "smallest")
 
@@ -304,6 +306,7 @@ def eigsh(
     eigenvectors: bool = True,
     max_basis: Optional[int] = None,
     warn: bool = True,
+    progress: Optional[Progress] = None,
 ) -> EigenResult:
     """The k largest (or smallest) eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -331,6 +334,8 @@ def eigsh(
             ``default_max_basis(k)`` = max(3k + 50, 100), capped at N; memory ``max_basis * N``).
         warn: emit a ``ConvergenceWarning`` when a wanted pair did not converge (a caller that
             reports otherwise, e.g. a callback on rank 0, turns it off and reads ``converged``).
+        progress: reports the products spent (of the budget) and the pairs converged so far
+            (``overparam.progress``); None: silent.
 
     Returns:
         ``EigenResult`` with residuals and a ``converged`` flag per eigenvalue.
@@ -350,12 +355,15 @@ def eigsh(
     keep = min(k + (capacity - k) // 5, capacity - 1)
     krylov = _Krylov(matvec, start_vector(dim, v0, seed, dtype, device), capacity, seed)
     restarts = 0
+    report = track(progress, budget, "products")
     while True:
         krylov.step()
         theta, S, residual = krylov.ritz()
         scale = max(float(theta.abs().max()), 1e-30)
         idx = _wanted(theta, k, which)
-        done = krylov.size >= k and bool((residual[idx] <= tol * scale).all())
+        converged = int((residual[idx] <= tol * scale).sum())
+        report.update(converged=f"{converged}/{k}")
+        done = krylov.size >= k and converged == idx.numel()
         if done or krylov.num_matvecs >= budget or krylov.size == dim:
             break
         if krylov.size == capacity:
@@ -373,6 +381,7 @@ def eigsh(
         num_matvecs=krylov.num_matvecs,
         num_restarts=restarts,
     )
+    report.finish(converged=f"{int(result.converged.sum())}/{k}")
     if warn and not bool(result.converged.all()):
         warnings.warn(convergence_message(result, budget, capacity), ConvergenceWarning, stacklevel=2)
     return result

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from overparam.curvature.lanczos import MatVec, lanczos
+from overparam.progress import Progress, track
 
 #: Lanczos steps per probe. Default 90: Ghorbani, Krishnan & Xiao 2019, Section 2.3 (m = 90).
 DEFAULT_STEPS = 90
@@ -77,19 +78,24 @@ def slq(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    progress: Optional[Progress] = None,
 ) -> SLQResult:
     """Run ``num_probes`` Lanczos runs of ``num_steps`` from Rademacher probes.
 
     Probe ``i`` is drawn with seed ``seed + i``. Costs ``num_probes * num_steps`` products.
+    ``progress`` reports the probes done (``overparam.progress``); None: silent.
     """
     m = min(num_steps, dim)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
+    report = track(progress, num_probes, "probes")
     for i in range(num_probes):
         run = lanczos(matvec, rademacher(dim, seed + i, dtype, device), m, keep_basis=False, seed=seed + i)
         theta, S, _ = run.ritz()
         nodes[i, : theta.numel()] = theta
         weights[i, : theta.numel()] = S[0, :].square()
+        report.update()
+    report.finish()
     return SLQResult(nodes, weights, dim)
 
 
