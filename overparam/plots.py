@@ -139,3 +139,30 @@ def plot_block_spectra(full: dict, blocks: dict[str, dict], block_diagonal: dict
     ax.set(ylabel="eigenvalue", title="per block")
     ax.legend(fontsize=7)
     return fig
+
+
+def plot_edge_of_stability(series: dict[float, dict[str, np.ndarray]], preconditioned: bool, title: str = "") -> Figure:
+    """Cohen et al. (2021)'s figure: the training loss and the sharpness against the step, one colour per lr.
+
+    Args:
+        series: per learning rate, ``overparam.reproduce.edge_of_stability.curves`` (``loss_step``,
+            ``loss``, ``step``, ``lambda_1``, ``threshold``).
+        preconditioned: the sharpness is lambda_1(P^-1 H) against 38/lr (Adam), not lambda_1(H)
+            against 2/lr (GD).
+    """
+    fig = new_figure(10.5, 3.8)
+    loss_ax, sharp_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, (lr, c) in enumerate(series.items()):
+        color = f"C{i}"
+        loss_ax.plot(c["loss_step"], c["loss"], color=color, lw=1, label=f"lr = {lr:g}")
+        sharp_ax.plot(c["step"], c["lambda_1"], color=color, lw=1, label=f"lr = {lr:g}")
+        _step_line(sharp_ax, c["step"], c["threshold"], color=color, ls="--", lw=0.9)
+    loss_ax.set(xlabel="step", ylabel="training loss (mean over 20 steps)", yscale="log")
+    loss_ax.legend(fontsize=8)
+    what = r"$\lambda_1(P^{-1}H)$; dashed: $38/\eta$" if preconditioned else r"$\lambda_1(H)$; dashed: $2/\eta$"
+    sharp_ax.set(xlabel="step", ylabel="preconditioned sharpness" if preconditioned else "sharpness", title=what)
+    sharp_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+

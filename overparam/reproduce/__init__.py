@@ -7,6 +7,7 @@ command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overpa
 """
 
 OBSERVATIONS: dict[str, str] = {
+    "edge_of_stability": "overparam.reproduce.edge_of_stability",
     "gd_vs_sgd": "overparam.reproduce.gd_vs_sgd",
     "ggn_split": "overparam.reproduce.ggn_split",
     "hessian_spectrum": "overparam.reproduce.hessian_spectrum",
