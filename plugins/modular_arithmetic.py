@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from overparam.data import Batch, BatchSize, OverparamDataModule
-from overparam.errors import ConfigError, check_choice, check_positive
+from overparam.errors import ConfigError, check_choice
 
 OPERATIONS = ("add", "sub", "mul", "div")
 #: Tokens per equation: a, the operation, b, "=".
@@ -94,7 +94,8 @@ class ModularArithmetic(OverparamDataModule):
         passes_per_epoch: int = 1,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, seed, analysis_size, passes_per_epoch)
-        check_positive("data.p", p - 1)
+        if isinstance(p, bool) or not isinstance(p, int) or p < 2:
+            raise ConfigError(f"data.p must be an integer >= 2, got {p!r}")
         check_choice("data.operation", operation, OPERATIONS)
         if operation == "div" and not is_prime(p):
             raise ConfigError(f"data.p must be prime for operation div (b has an inverse mod p for every b != 0), got {p}")

@@ -64,7 +64,7 @@ def test_device_resident_batches_and_full_batch():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"p": 1}, "data.p must be positive"),
+        ({"p": 1}, "data.p must be an integer >= 2, got 1"),
         ({"p": 9, "operation": "div"}, "data.p must be prime for operation div"),
         ({"operation": "pow"}, "data.operation must be one of add, sub, mul, div"),
         ({"train_fraction": 1.0}, r"data.train_fraction must be in \(0, 1\)"),

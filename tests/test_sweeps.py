@@ -20,6 +20,8 @@ TINY = {
                            "--model.init_args.width=[16, 16]"],
     "critical_batch_size": ["--trainer.max_epochs=1", "--data.init_args.n_train=512", "--model.init_args.width=[16, 16]"],
     "ensemble_seeds": ["--trainer.max_epochs=1", "--data.init_args.num_train=256"],
+    "grokking_fraction": ["--trainer.max_steps=20", "--data.init_args.p=11", "--data.init_args.passes_per_epoch=10",
+                          "--model.init_args.d_model=16", "--model.init_args.d_mlp=32"],
 }
 
 

@@ -1,24 +1,36 @@
 """Transformer: N, causality, the exact Hessian with LayerNorm, and every callback on it.
 
-HessianSpectrum's top-k against eigvalsh of the exact Hessian (N = 2,583, LayerNorm on, both
-HVP paths), a K = 4 vmapped AdamW ensemble against four single runs, ConstraintCounter's
-multi-class margins by hand, InterpolationBarrier between two seeds, GradientNoise's
-per-sample gradients against a loop, EnsembleEvaluation, and 2 DDP processes against one.
+HessianSpectrum's top-k against eigvalsh of the exact Hessian (N = 783, and 2,583 in the slow
+run; LayerNorm on, both HVP paths), SharpnessTracker (with AdamW's preconditioner) and the
+per-block spectra (embedding, attention, MLP) against eigvalsh of the Hessian's diagonal blocks,
+a K = 4 vmapped AdamW ensemble against four single runs, ConstraintCounter's multi-class margins
+by hand, InterpolationBarrier between two seeds, GradientNoise's per-sample gradients against a
+loop, EnsembleEvaluation, and 2 DDP processes against one.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from overparam.callbacks import ConstraintCounter, EnsembleEvaluation, GradientNoise, HessianSpectrum, InterpolationBarrier
+from overparam.callbacks import (
+    ConstraintCounter,
+    EnsembleEvaluation,
+    GradientNoise,
+    HessianSpectrum,
+    InterpolationBarrier,
+    SharpnessTracker,
+)
 from overparam.commands.report import last_values
-from overparam.curvature import HessianOperator, dense_hessian, eigvalsh
+from overparam.curvature import HessianOperator, adam_preconditioner, block_indices, dense_hessian, eigvalsh, parameter_blocks
 from overparam.errors import ConfigError
 from overparam.functional import flatten, unflatten
 from overparam.models import count_parameters
@@ -119,6 +131,33 @@ def test_hessian_spectrum_top_k_matches_eigvalsh_through_softmax_and_layer_norm(
         np.testing.assert_allclose(end["eigenvalues"], exact[:4].numpy(), rtol=1e-6, err_msg=callback.name)
 
 
+#: One block per embedding, attention and MLP module (the LayerNorms and the readout form ``rest``).
+BLOCKS = {"embedding": ["embed.weight", "pos"], "attention": "blocks.*.attn.*", "mlp": "blocks.*.mlp.*"}
+
+
+def test_sharpness_and_block_spectra_match_eigvalsh_of_the_blocks(tmp_path):
+    """SharpnessTracker (lambda_1..2, AdamW's preconditioned ones, per block) and HessianSpectrum's blocks at fit end."""
+    task, data = make()
+    sharpness = SharpnessTracker(top_k=2, every_n_steps=None, at_fit_end=True, tol=1e-8, blocks=BLOCKS)
+    spectrum = HessianSpectrum(top_k=2, density=False, trace_probes=0, at_fit_start=False, blocks=BLOCKS)
+    trainer = fit(task, data, tmp_path, [sharpness, spectrum], max_epochs=3)
+    view = task.functional_view()
+    H = dense_hessian(view.fn, view.params, task.loss_fn, data.analysis_batches(), view.buffers)
+    end = sharpness.history[-1]
+    assert end["step"] == 3
+    np.testing.assert_allclose(end["eigenvalues"], eigvalsh(H)[:2].numpy(), rtol=1e-6)
+    optimizer = trainer.optimizers[0]
+    P = torch.cat([adam_preconditioner(optimizer.state[p]["exp_avg_sq"].double(), float(optimizer.state[p]["step"]), 0.9, 0.98, 1e-8).reshape(-1)
+                   for p in view.params.values()])  # fmt: skip
+    np.testing.assert_allclose(end["preconditioned_eigenvalues"], eigvalsh(H / P.sqrt()[:, None] / P.sqrt()[None])[:2].numpy(), rtol=1e-6)
+    blocks = parameter_blocks(list(view.params), BLOCKS)
+    assert set(blocks) == {"embedding", "attention", "mlp", "rest"}
+    for name, names in blocks.items():
+        exact = eigvalsh(H[block_indices(view.params, names)][:, block_indices(view.params, names)])[:2].numpy()
+        np.testing.assert_allclose(end["blocks"][name]["eigenvalues"], exact, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(spectrum.history[-1]["blocks"][name], exact, rtol=1e-6, err_msg=name)
+
+
 def test_vmapped_ensemble_of_four_equals_four_single_runs(tmp_path):
     """Member k of a K = 4 ensemble (AdamW with weight decay, minibatches) = a run with init_seed + k."""
     K = 4
@@ -209,3 +248,17 @@ def test_two_ddp_processes_equal_one(tmp_path):
                                  "val/ensemble_fluctuation", "weights/norm"} <= set(a)  # fmt: skip
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_grokking_config_trains_and_logs_what_the_reproduction_reads(tmp_path, monkeypatch):
+    """configs/grokking.yaml (shrunk: p = 11, d = 16, 20 steps) through the CLI: held-out accuracy and weight norm per epoch."""
+    from overparam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "grokking.yaml")
+    assert main(["fit", "-c", config, "--data.init_args.p=11", "--data.init_args.passes_per_epoch=10", "--model.init_args.d_model=16",
+                 "--model.init_args.d_mlp=32", "--trainer.max_steps=20", "--trainer.logger.init_args.version=v"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "transformer" / "v" / "metrics.csv")))
+    assert [r["epoch"] for r in rows if r.get("val/error")] == ["0", "1"] and [r for r in rows if r.get("weights/norm")]
+    optimizer = yaml.safe_load(open(tmp_path / "runs" / "transformer" / "v" / "config.yaml"))["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.AdamW" and optimizer["init_args"]["weight_decay"] == 1.0

@@ -10,6 +10,7 @@ OBSERVATIONS: dict[str, str] = {
     "edge_of_stability": "overparam.reproduce.edge_of_stability",
     "gd_vs_sgd": "overparam.reproduce.gd_vs_sgd",
     "ggn_split": "overparam.reproduce.ggn_split",
+    "grokking": "overparam.reproduce.grokking",
     "hessian_spectrum": "overparam.reproduce.hessian_spectrum",
     "jamming": "overparam.reproduce.jamming",
     "lb_vs_sb": "overparam.reproduce.lb_vs_sb",
