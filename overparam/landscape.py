@@ -365,6 +365,113 @@ def grid(points: int = 25, t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
 
 
 @torch.no_grad()
+def evaluate_combinations(
+    fn: NetFn,
+    controls: Tensor,
+    coefficients: Tensor,
+    like: Params,
+    data: Mapping[str, Sequence[Batch]],
+    loss_fn: LossFn,
+    buffers: Optional[Params] = None,
+    bn_module: Optional[nn.Module] = None,
+    bn_batches: Optional[Sequence[Batch]] = None,
+    stored_buffers: Optional[Mapping[int, Params]] = None,
+    points_per_call: int = 1,
+    progress: Optional[Progress] = None,
+) -> dict[str, tuple[Tensor, Tensor, int]]:
+    """Mean loss and 0/1 error at the points ``theta_i = sum_j c_ij theta_j`` of a linear family.
+
+    Every landscape evaluation is one: a path's point is ``c(t) @ controls``
+    (``evaluate_path``), a plane's is ``(1, a, b) @ (origin, d1, d2)``
+    (``overparam.planes.evaluate_plane``). Point i costs one forward pass over the batches
+    of each split: ``points_per_call`` points are stacked and evaluated in one call
+    ``vmap(fn)`` over their parameters (and their BatchNorm statistics), so forming the
+    points is a ``(T', m) @ (m, N)`` product and nothing loops over samples. Loss and error
+    sums and counts are accumulated in float64 per point, all-reduced once at the end, and
+    divided last: under DDP every rank holds the single-process values.
+
+    Args:
+        fn: ``fn(params, buffers, x) -> (B, C)``, one network (K = 1).
+        controls: ``(m, N)`` flat parameter vectors.
+        coefficients: ``(T, m)`` weights, one row per point.
+        like: a params dict giving the names and shapes of one point.
+        data: split name -> this rank's list of ``(x, y)`` batches (a fixed subset).
+        loss_fn: ``loss_fn(outputs, y, reduction)`` from ``overparam.losses``.
+        buffers: non-trainable state passed to ``fn`` (BatchNorm statistics).
+        bn_module: the module behind ``fn``; when it has BatchNorm layers, their statistics
+            are recomputed at every point from ``bn_batches`` (``recompute_bn``, default
+            ``data["train"]``).
+        stored_buffers: point index -> statistics to use there instead of recomputing them
+            (a path's ends or a plane's centre as the nets were trained).
+        points_per_call: points evaluated in one vmapped call (memory x this); 1 is a
+            plain call per point.
+        progress: reports the points done (``overparam.progress``); None: silent.
+
+    Returns:
+        split -> ``(loss (T,), error (T,), count)`` over all ranks, on the CPU.
+
+    Raises:
+        ConfigError: ``points_per_call < 1``; a BatchNorm net without a training split; a
+            split with no points on any rank.
+    """
+    if isinstance(points_per_call, bool) or not isinstance(points_per_call, int) or points_per_call < 1:
+        raise ConfigError(f"points_per_call must be a positive integer, got {points_per_call!r}")
+    buffers = dict(buffers or {})
+    stored = dict(stored_buffers or {})
+    layers = batchnorm_layers(bn_module)
+    if layers:
+        bn_batches = bn_batches if bn_batches is not None else data.get("train")
+        if bn_batches is None:
+            raise ConfigError("networks with BatchNorm need bn_batches (or a 'train' split) to recompute their statistics")
+    T = coefficients.shape[0]
+    # sums[split]: (T, 3) = loss sum, error sum, count; one all-reduce at the end.
+    sums = {split: torch.zeros(T, 3, dtype=torch.float64, device=controls.device) for split in data}
+    modes = {name: m.training for name, m in layers.items()}
+    vfn = torch.func.vmap(fn, in_dims=(0, 0 if layers else None, None))
+    report = track(progress, T, "points")
+    try:
+        for m in layers.values():
+            m.eval()
+        for start in range(0, T, points_per_call):
+            stop = min(start + points_per_call, T)
+            flat = coefficients[start:stop].to(controls) @ controls  # (T', N)
+            params = _unflatten_rows(flat, like)
+            point_buffers = buffers
+            if layers:
+                each = []
+                for i in range(start, stop):
+                    point = {n: p[i - start] for n, p in params.items()}
+                    each.append(stored[i] if i in stored else recompute_bn(bn_module, point, buffers, bn_batches))
+                point_buffers = {n: torch.stack([b[n] for b in each]) for n in each[0]}
+            if stop - start == 1:  # a plain call: no vmap overhead
+                one = {n: p[0] for n, p in params.items()}
+                one_buffers = {n: b[0] for n, b in point_buffers.items()} if layers else buffers
+                call = lambda x, p=one, b=one_buffers: fn(p, b, x).unsqueeze(0)  # (1, B, C)
+            else:
+                call = lambda x, p=params, b=point_buffers: vfn(p, b, x)  # (T', B, C)
+            for split, batches in data.items():
+                rows = sums[split][start:stop]
+                for x, y in batches:
+                    out = call(x)  # (T', B, C)
+                    rows[:, 0] += loss_fn(out, y, reduction="none").sum(-1).double()
+                    rows[:, 1] += errors(out, y).sum(-1).double()
+                    rows[:, 2] += x.shape[0]
+            report.update(stop - start)
+        report.finish()
+    finally:
+        for name, m in layers.items():
+            m.train(modes[name])
+    results = {}
+    if sums:
+        everything = all_reduce_sum(torch.stack(list(sums.values()))).cpu()  # (S, T, 3)
+        for split, s in zip(sums, everything):
+            count = s[0, 2].item()
+            if count == 0:
+                raise ConfigError(f"split {split!r} has no points to evaluate")
+            results[split] = (s[:, 0] / count, s[:, 1] / count, int(count))
+    return results
+
+
 def evaluate_path(
     fn: NetFn,
     path: Path,
@@ -397,67 +504,24 @@ def evaluate_path(
             they were evaluated during training (their logged losses), while every other t
             gets recomputed statistics. None (default): recompute everywhere, as Garipov et
             al. do, so all points are treated alike.
-        points_per_call: t values evaluated in one vmapped call (memory x this; needs
-            no BatchNorm). 1 is a plain loop over t.
+        points_per_call: t values evaluated in one vmapped call (memory x this); 1 is a
+            plain loop over t (see ``evaluate_combinations``).
         progress: reports the points done (``overparam.progress``); None: silent.
 
     Returns:
         a ``PathEvaluation``; under DDP every rank holds the single-process values.
     """
     t = grid(points, t_min, t_max) if t is None else torch.as_tensor(t, dtype=torch.float64).reshape(-1)
-    buffers = dict(buffers or {})
-    layers = batchnorm_layers(bn_module)
-    if layers and points_per_call != 1:
-        raise ConfigError("points_per_call must be 1 for networks with BatchNorm (statistics are recomputed per point)")
-    if points_per_call < 1:
-        raise ConfigError(f"points_per_call must be a positive integer, got {points_per_call!r}")
-    if layers:
-        bn_batches = bn_batches if bn_batches is not None else data.get("train")
-        if bn_batches is None:
-            raise ConfigError("networks with BatchNorm need bn_batches (or a 'train' split) to recompute their statistics")
-    device = path.controls.device
-    # sums[split]: (T, 3) = loss sum, error sum, count; one all-reduce at the end.
-    sums = {split: torch.zeros(len(t), 3, dtype=torch.float64, device=device) for split in data}
-    modes = {name: m.training for name, m in layers.items()}
-    report = track(progress, len(t), "points")
-    try:
-        for m in layers.values():
-            m.eval()
-        for start in range(0, len(t), points_per_call):
-            ts = t[start : start + points_per_call]
-            if points_per_call == 1:
-                params = path.point(float(ts[0]))
-                point_buffers = buffers
-                if layers and endpoint_buffers is not None and float(ts[0]) in (0.0, 1.0):
-                    point_buffers = endpoint_buffers[int(float(ts[0]))]
-                elif layers:
-                    point_buffers = recompute_bn(bn_module, params, buffers, bn_batches)
-                call = lambda x, p=params, b=point_buffers: fn(p, b, x).unsqueeze(0)  # (1, B, C)
-            else:
-                stacked = path.points(ts.tolist())
-                vfn = torch.func.vmap(fn, in_dims=(0, None, None))
-                call = lambda x, p=stacked: vfn(p, buffers, x)  # (T', B, C)
-            for split, batches in data.items():
-                for x, y in batches:
-                    out = call(x)  # (T', B, C)
-                    rows = sums[split][start : start + len(ts)]
-                    rows[:, 0] += loss_fn(out, y, reduction="none").sum(-1).double()
-                    rows[:, 1] += errors(out, y).sum(-1).double()
-                    rows[:, 2] += x.shape[0]
-            report.update(len(ts))
-        report.finish()
-    finally:
-        for name, m in layers.items():
-            m.train(modes[name])
+    stored = {}
+    if endpoint_buffers is not None:
+        stored = {i: endpoint_buffers[int(v)] for i, v in enumerate(t.tolist()) if v in (0.0, 1.0)}
+    results = evaluate_combinations(
+        fn, path.controls, path.coefficients(t).reshape(len(t), -1), path.like, data, loss_fn, buffers=buffers,
+        bn_module=bn_module, bn_batches=bn_batches, stored_buffers=stored, points_per_call=points_per_call, progress=progress,
+    )
     evaluation = PathEvaluation(t=t.cpu())
-    if sums:
-        everything = all_reduce_sum(torch.stack(list(sums.values())))  # (S, T, 3)
-        for split, s in zip(sums, everything.cpu()):
-            count = s[0, 2].item()
-            if count == 0:
-                raise ConfigError(f"split {split!r} has no points to evaluate")
-            evaluation.loss[split], evaluation.error[split] = s[:, 0] / count, s[:, 1] / count
-            evaluation.count[split] = int(count)
+    for split, (loss, error, count) in results.items():
+        evaluation.loss[split], evaluation.error[split], evaluation.count[split] = loss, error, count
     return evaluation
 
 

@@ -308,15 +308,29 @@ def _ddp_case():
     return X, Y, net_a, net_b
 
 
-def _ddp_run(rank, world, port, queue):
+def _ddp_run(rank, world, port, queue, compute):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # numpy, not tensors: tensors would travel as shared memory that dies with the process.
-        queue.put((rank, [t.numpy() for t in _compute(shard=(rank, world))]))
+        queue.put((rank, [t.numpy() for t in compute(shard=(rank, world))]))
     finally:
         dist.destroy_process_group()
+
+
+def two_ranks_and_one_process(compute):
+    """``compute(shard=(rank, 2))`` on 2 forked gloo ranks, and ``compute()`` in this process:
+    ``({rank: [arrays]}, [arrays])``."""
+    ctx = torch.multiprocessing.get_context("fork")
+    queue, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_ddp_run, args=(r, 2, port, queue, compute)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join(30)
+    return results, [t.numpy() for t in compute()]
 
 
 def _compute(shard=None):
@@ -339,15 +353,7 @@ def _compute(shard=None):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_ranks_equal_one_process():
-    ctx = torch.multiprocessing.get_context("fork")
-    queue, port = ctx.SimpleQueue(), _free_port()
-    procs = [ctx.Process(target=_ddp_run, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(30)
-    single = [t.numpy() for t in _compute()]
+    results, single = two_ranks_and_one_process(_compute)
     for r in range(2):
         for name, got, expected in zip(("loss", "error", "BN mean", "BN var", "fitted middle", "fit history"), results[r], single):
             np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12, err_msg=f"rank {r}: {name}")
