@@ -8,6 +8,7 @@ from overparam.callbacks.gradient_noise import GradientNoise
 from overparam.callbacks.hessian import HessianSpectrum
 from overparam.callbacks.progress import MetricsProgressBar, ProgressLines
 from overparam.callbacks.sharpness import SharpnessTracker
+from overparam.callbacks.trajectory import TrajectorySnapshots
 
 __all__ = [
     "BatchSizeSwitch",
@@ -19,4 +20,5 @@ __all__ = [
     "MetricsProgressBar",
     "ProgressLines",
     "SharpnessTracker",
+    "TrajectorySnapshots",
 ]

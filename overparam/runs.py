@@ -1,10 +1,11 @@
 """What a run leaves behind, read back: its checkpoint, its folder, its ``metrics.csv``.
 
 A run folder (``<default_root_dir>/<task>/version_N/``) holds ``config.yaml``,
-``hparams.yaml``, ``metrics.csv`` and ``checkpoints/last.ckpt``. These helpers turn every way a
-given checkpoint can be wrong (missing, truncated, not a checkpoint) into one ``ConfigError``
-line, find the folder a checkpoint belongs to (a resumed run continues there), and cut the
-rows a resumed run will log again out of its ``metrics.csv``.
+``hparams.yaml``, ``metrics.csv`` and ``checkpoints/last.ckpt``, and
+``trajectory/trajectory.npz`` when it was trained with ``TrajectorySnapshots``. These helpers
+turn every way a given checkpoint or trajectory can be wrong (missing, truncated, not a
+checkpoint) into one ``ConfigError`` line, find the folder a checkpoint belongs to (a resumed
+run continues there), and cut the rows a resumed run will log again out of its ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from overparam.errors import ConfigError
@@ -23,6 +25,9 @@ from overparam.errors import ConfigError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_FOLDER = "checkpoints"
+#: Where ``TrajectorySnapshots`` (its default name) keeps the parameter snapshots of a run.
+TRAJECTORY_FILE = Path("trajectory") / "trajectory.npz"
+TRAJECTORY_KEYS = ("step", "epoch", "params", "names", "numels")
 
 
 def read_checkpoint(path: Union[str, Path], option: str = "--ckpt_path") -> dict[str, Any]:
@@ -104,3 +109,36 @@ def metrics_header(folder: Union[str, Path]) -> list[str]:
         return []
     with open(path, newline="") as f:
         return next(csv.reader(f), [])
+
+
+def read_trajectory(path: Union[str, Path], option: str = "--trajectory") -> dict[str, np.ndarray]:
+    """The parameter snapshots of a run (``TrajectorySnapshots``), or a one-line ConfigError.
+
+    Args:
+        path: a run folder (its ``trajectory/trajectory.npz``) or the ``.npz`` itself.
+
+    Returns:
+        ``step`` (T,) optimizer updates done at each snapshot, ``epoch`` (T,), ``params``
+        (T, K, N) float32 flat parameters of each ensemble member, ``names`` and ``numels``
+        (the flat layout: the functional view's parameters in order).
+
+    Raises:
+        ConfigError: no trajectory (the run was trained without the callback), or a file that
+            is not one.
+    """
+    path = Path(path)
+    file = path / TRAJECTORY_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(
+            f"{option}: {file} does not exist; train the run with --trainer.callbacks+=TrajectorySnapshots "
+            "to keep parameter snapshots along training"
+        )
+    try:
+        with np.load(file, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ConfigError(f"{option}: {file} is not a readable trajectory ({str(exc).strip()[:200] or type(exc).__name__})") from None
+    missing = [key for key in TRAJECTORY_KEYS if key not in arrays]
+    if missing or arrays["params"].ndim != 3 or arrays["params"].shape[2] != int(arrays["numels"].sum()):
+        raise ConfigError(f"{option}: {file} is not a TrajectorySnapshots file (missing {', '.join(missing) or 'a consistent (T, K, N) params array'})")
+    return arrays
