@@ -166,3 +166,83 @@ def plot_edge_of_stability(series: dict[float, dict[str, np.ndarray]], precondit
         fig.suptitle(title, fontsize=9)
     return fig
 
+
+# --- loss landscapes on a plane (overparam landscape, overparam reproduce landscape) -----------
+def _log_levels(panels: dict[str, np.ndarray], count: int = 30) -> np.ndarray:
+    """``count`` levels spaced evenly in log between the smallest positive and the largest value of all panels."""
+    values = np.concatenate([np.ravel(v) for v in panels.values()])
+    positive = values[np.isfinite(values) & (values > 0)]
+    lo, hi = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
+    return np.geomspace(lo, max(hi, lo * 1.001), count)
+
+
+def plot_plane_contours(
+    a: np.ndarray,
+    b: np.ndarray,
+    panels: dict[str, np.ndarray],
+    title: str = "",
+    trajectory: Optional[np.ndarray] = None,
+    marks: Optional[dict[str, tuple[float, float]]] = None,
+    axis_labels: tuple[str, str] = (r"$\alpha$ (along $d_1$)", r"$\beta$ (along $d_2$)"),
+    equal_aspect: bool = False,
+) -> Figure:
+    """Filled log-scale contours of 2D surfaces side by side (Li et al. 2018, Figs. 5 and 9).
+
+    Args:
+        a, b: ``(A,)`` and ``(B,)`` grid coordinates.
+        panels: title -> ``(A, B)`` values (``values[i, j]`` at ``(a[i], b[j])``), all drawn on
+            one colour scale so side-by-side surfaces compare (a flat basin is wide on it).
+        trajectory: ``(T, 2)`` coordinates drawn as a path on every panel (the PCA plane's
+            training trajectory; the first point, theta_0, ringed).
+        marks: label -> ``(a, b)`` points to mark (the three networks of a ``points`` plane).
+        axis_labels: the two axes' labels.
+        equal_aspect: one unit on both axes has the same length (``points`` planes: isometric).
+    """
+    from matplotlib.colors import LogNorm
+
+    levels = _log_levels(panels)
+    fig = new_figure(4.6 * len(panels) + 0.8, 4.0)
+    grid = fig.add_gridspec(1, len(panels) + 1, width_ratios=[1.0] * len(panels) + [0.05])  # the last column: the colour bar
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(panels))]
+    for ax, (label, values) in zip(axes, panels.items()):
+        filled = ax.contourf(a, b, np.clip(values.T, levels[0], levels[-1]), levels=levels, norm=LogNorm(levels[0], levels[-1]), cmap="viridis")
+        ax.contour(a, b, values.T, levels=levels[::3], colors="white", linewidths=0.4, alpha=0.6)
+        if trajectory is not None:
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "-", color="tab:red", lw=1.2, marker=".", ms=3, label="trajectory")
+            ax.plot(trajectory[0, 0], trajectory[0, 1], "o", mfc="none", color="tab:red", ms=7, label=r"$\theta_0$")
+        for name, (x, y) in (marks or {"centre": (0.0, 0.0)}).items():
+            ax.plot(x, y, "*", color="white", mec="k", ms=11)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), color="white", fontsize=8)
+        ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1], title=label)
+        if equal_aspect:
+            ax.set_aspect("equal")
+        if trajectory is not None:
+            ax.legend(fontsize=7)
+    bar = fig.colorbar(filled, cax=fig.add_subplot(grid[0, -1]), ticks=np.geomspace(levels[0], levels[-1], 6), format="%.3g")
+    bar.ax.minorticks_off()
+    bar.set_label("loss (log scale)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_plane_surfaces(a: np.ndarray, b: np.ndarray, panels: dict[str, np.ndarray], title: str = "", log: bool = True) -> Figure:
+    """3D surfaces side by side on one z scale (Li et al. 2018's surface plots).
+
+    Args:
+        a, b, panels: as ``plot_plane_contours``.
+        log: draw ``log10`` of the values (a sharp basin and the plateau around it both show);
+            False draws them as they are.
+    """
+    shown = {label: np.log10(np.clip(v, 1e-12, None)) if log else v for label, v in panels.items()}
+    lo = min(float(np.nanmin(v)) for v in shown.values())
+    hi = max(float(np.nanmax(v)) for v in shown.values())
+    fig = new_figure(4.6 * len(panels), 4.2)
+    A, B = np.meshgrid(a, b, indexing="ij")
+    for i, (label, values) in enumerate(shown.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1, projection="3d")
+        ax.plot_surface(A, B, values, cmap="viridis", vmin=lo, vmax=hi, linewidth=0, antialiased=True)
+        ax.set(xlabel=r"$\alpha$", ylabel=r"$\beta$", zlabel="log10 loss" if log else "loss", zlim=(lo, hi), title=label)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig

@@ -36,7 +36,7 @@ def run_probe(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
 def test_help_lists_every_subcommand_and_imports_nothing_heavy(flag):
     done, imported = run_probe(flag)
     assert done.returncode == 0 and not imported, imported
-    for sub in ("fit", "validate", "test", "predict", "plugins", "reproduce", "interpolate", "connect", "sweep"):
+    for sub in ("fit", "validate", "test", "predict", "plugins", "reproduce", "interpolate", "landscape", "connect", "sweep"):
         assert f"\n  {sub} " in done.stdout, sub
 
 

@@ -12,5 +12,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("overparam.commands.reproduce", "Reproduce one observation of the talk end to end (figures + numbers); `reproduce list`."),
     "plugins": ("overparam.commands.plugins", "List installed plugins with their Task, DataModule and Callback classes."),
     "interpolate": ("overparam.commands.interpolate", "Loss and error along a line or curve between two runs (or away from one); barrier heights."),
+    "landscape": ("overparam.commands.landscape", "Loss and error on a plane around a run (filter, Hessian, trajectory PCA, three runs): contours, 3D surface."),
     "connect": ("overparam.commands.connect", "Fit a Bezier/polychain curve between two runs (Garipov et al. 2018) and report its barrier."),
 }
