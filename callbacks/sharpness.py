@@ -71,7 +71,7 @@ class SharpnessTracker(AnalysisCallback):
             issue's benchmark and of Cockpit's comparison; None: only the epoch schedule).
         tol: relative Ritz residual at which a value has converged (default 1e-2,
             ``curvature.sharpness.TRACK_TOL``: within 1% of lambda_1 by Kahan's bound, measured
-            within 3e-4). Unconverged values are flagged in the .npz and warned about once.
+            within 3e-4 on MNIST-FC). Unconverged values are flagged in the .npz and warned about once.
         lanczos_steps: product budget per measurement (default ``max(40k, 600)``).
         lanczos_basis: vectors kept before a thick restart (default ``max(3k + 50, 100)``).
         preconditioned: also lambda_1..k(P^-1 H) with Adam's P (None: when the optimizer is Adam
