@@ -8,6 +8,7 @@ from overparam.callbacks.gradient_noise import GradientNoise
 from overparam.callbacks.hessian import HessianSpectrum
 from overparam.callbacks.progress import MetricsProgressBar, ProgressLines
 from overparam.callbacks.sharpness import SharpnessTracker
+from overparam.callbacks.surface import LossSurface
 from overparam.callbacks.trajectory import TrajectorySnapshots
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GradientNoise",
     "HessianSpectrum",
     "InterpolationBarrier",
+    "LossSurface",
     "MetricsProgressBar",
     "ProgressLines",
     "SharpnessTracker",

@@ -29,12 +29,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from overparam import landscape
-from overparam.callbacks.base import AnalysisCallback
+from overparam.callbacks.base import AnalysisCallback, check_splits_and_size, split_batches
 from overparam.errors import ConfigError
 from overparam.functional import FunctionalView
 
 REFERENCES = ("init", "member")
-SPLITS = ("train", "val", "test")
 
 
 class InterpolationBarrier(AnalysisCallback):
@@ -89,11 +88,7 @@ class InterpolationBarrier(AnalysisCallback):
             self.t = landscape.grid(points, t_min, t_max)
         except ConfigError as exc:
             raise ConfigError(f"{option}.{exc}") from None
-        unknown = [s for s in splits if s not in SPLITS]
-        if not splits or unknown:
-            raise ConfigError(f"{option}.splits must be a non-empty list of {', '.join(SPLITS)}; got {list(splits)}")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ConfigError(f"{option}.size must be a positive integer or null, got {size!r}")
+        check_splits_and_size(option, splits, size)
         if len(members) != 2 or members[0] == members[1] or min(members) < 0:
             raise ConfigError(f"{option}.members must be two different member indices, got {list(members)}")
         self.reference = reference
@@ -135,7 +130,7 @@ class InterpolationBarrier(AnalysisCallback):
         pairs = self._pairs(view, pl_module)
         if not pairs:
             return
-        data = self._data(trainer)
+        data = split_batches(trainer, self.splits, self.size, type(self).__name__)
         bn_module = getattr(pl_module, "net", None) if pl_module.ensemble_size == 1 else None
         bn_batches = None
         if landscape.batchnorm_layers(bn_module):  # statistics always come from the training set
@@ -196,15 +191,6 @@ class InterpolationBarrier(AnalysisCallback):
             out[name] = state[key].detach().to(p.dtype)
         landscape.check_same_shapes(out, {n: p.detach() for n, p in live.items()}, ("the reference checkpoint", "the network"))
         return out
-
-    def _data(self, trainer: pl.Trainer) -> dict[str, list]:
-        datamodule = trainer.datamodule
-        data = {}
-        for split in self.splits:
-            if split not in datamodule.splits:
-                raise ConfigError(f"{type(self).__name__}.splits: the data has no {split!r} split; it has {', '.join(sorted(datamodule.splits))}")
-            data[split] = datamodule.analysis_batches(split, size=self.size if split == "train" else None)
-        return data
 
     # --- resume -------------------------------------------------------------------------------
     @property

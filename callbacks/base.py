@@ -279,6 +279,34 @@ def analysis_context(module: torch.nn.Module) -> Iterator[None]:
                 p.grad = g
 
 
+#: Splits an analysis callback may evaluate (``train`` is the DataModule's ``analysis_batches``).
+SPLITS = ("train", "val", "test")
+
+
+def check_splits_and_size(option: str, splits: Sequence[str], size: Optional[int]) -> None:
+    """One-line ConfigErrors for a callback's ``splits`` (a non-empty list of ``SPLITS``) and ``size``."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if not splits or unknown:
+        raise ConfigError(f"{option}.splits must be a non-empty list of {', '.join(SPLITS)}; got {list(splits)}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"{option}.size must be a positive integer or null, got {size!r}")
+
+
+def split_batches(trainer: pl.Trainer, splits: Sequence[str], size: Optional[int], option: str) -> dict[str, list]:
+    """This rank's fixed analysis batches of each split (``size`` training points; the other splits whole).
+
+    Raises:
+        ConfigError: a split the DataModule does not have.
+    """
+    datamodule = trainer.datamodule
+    data = {}
+    for split in splits:
+        if split not in datamodule.splits:
+            raise ConfigError(f"{option}.splits: the data has no {split!r} split; it has {', '.join(sorted(datamodule.splits))}")
+        data[split] = datamodule.analysis_batches(split, size=size if split == "train" else None)
+    return data
+
+
 def _to_numpy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()

@@ -40,6 +40,7 @@ Example (a quadratic bowl ``L = |w|^2 / 2``: on the plane of the two unit axes `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -303,6 +304,12 @@ class PlaneEvaluation:
         i, j = self._centre()
         return {f"{split}/{what}": float(values[split][i, j]) for split in self.loss for what, values in (("loss", self.loss), ("error", self.error))}
 
+    @property
+    def centre_is_interior(self) -> bool:
+        """Whether (0, 0) is a grid point with grid points on both sides along both axes."""
+        return bool((self.a == 0).any() and (self.b == 0).any() and (self.a < 0).any() and (self.a > 0).any()
+                    and (self.b < 0).any() and (self.b > 0).any())
+
     def curvature(self, split: str = "train") -> dict[str, float]:
         """Second derivatives of the loss at the centre, by central differences on the grid.
 
@@ -336,13 +343,16 @@ class PlaneEvaluation:
 
     def arrays(self, directions: bool = True) -> dict[str, np.ndarray]:
         """Plain arrays for ``np.savez``: ``a``, ``b``, ``<split>_loss``, ``<split>_error``
-        (``(A, B)``), ``plane`` (the kind), the plane's ``info``, and ``directions`` ((2, N)
-        float32) unless ``directions`` is False."""
+        (``(A, B)``), ``plane`` (the kind), the plane's ``info``, ``curvature:<name>`` of the
+        train loss when the centre is interior, and ``directions`` ((2, N) float32) unless
+        ``directions`` is False."""
         out: dict[str, np.ndarray] = {"a": self.a.numpy(), "b": self.b.numpy(), "plane": np.array(self.plane.kind)}
         for split in self.loss:
             out[f"{split}_loss"] = self.loss[split].numpy()
             out[f"{split}_error"] = self.error[split].numpy()
         out.update({k: np.asarray(v) for k, v in self.plane.info.items()})
+        if "train" in self.loss and self.centre_is_interior:
+            out.update({f"curvature:{k}": np.array(v) for k, v in self.curvature("train").items()})
         if directions:
             out["directions"] = self.plane.directions.float().cpu().numpy()
         return out
@@ -357,6 +367,53 @@ def axis(points: int = 21, lo: float = -1.0, hi: float = 1.0) -> Tensor:
     their Fig. 5 contours are smooth at it for MLPs).
     """
     return grid(points, lo, hi)
+
+
+#: Margin around the trajectory (pca) or the three networks (points) in ``default_axes``: the
+#: fraction of their extent added on each side (room for the contours around them).
+MARGIN = {"pca": 0.15, "points": 0.3}
+
+
+def axis_through(lo: float, hi: float, points: int = 21, through_one: bool = False) -> Tensor:
+    """About ``points`` evenly spaced coordinates covering ``[lo, hi]``, with 0 (and 1) among them exactly.
+
+    For ranges taken from data (a trajectory's box, three networks), where ``axis`` would insert
+    0 next to a grid point close to it: the step is ``(hi - lo) / (points - 1)`` (with
+    ``through_one``, the nearest ``1/m``), and the ends move out to multiples of it, so 0 (and 1)
+    are grid points at the grid's own spacing and the central differences at the centre use
+    neighbours one step away on both sides.
+
+    Raises:
+        ConfigError: fewer than 2 points, or 0 (1) outside ``[lo, hi]``.
+    """
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ConfigError(f"points must be an integer >= 2, got {points!r}")
+    if not lo <= 0 <= hi or (through_one and not lo <= 1 <= hi):
+        raise ConfigError(f"the range [{lo:g}, {hi:g}] must hold 0{' and 1' if through_one else ''}")
+    step = (hi - lo) / (points - 1)
+    if through_one:
+        m = max(1, round(1 / step))
+        return torch.arange(math.floor(lo * m + 1e-9), math.ceil(hi * m - 1e-9) + 1, dtype=torch.float64) / m
+    return torch.arange(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1, dtype=torch.float64) * step
+
+
+def default_axes(plane: Plane, points: int = 21) -> tuple[Tensor, Tensor]:
+    """The grid of a plane when no range is given.
+
+    ``[-1, 1]^2`` (``axis``) for ``filter`` and ``hessian`` planes (Li et al. 2018's range for
+    filter-normalised directions); for ``pca`` the box around the trajectory and for ``points``
+    the box around the three networks, each with a ``MARGIN`` and through 0 (and through 1 on
+    the first axis of a ``points`` plane, where the second network is) by ``axis_through``.
+    """
+    where = plane.info.get("trajectory" if plane.kind == "pca" else "points") if plane.kind in MARGIN else None
+    if where is None:
+        return axis(points), axis(points)
+    where = np.vstack([where, [0.0, 0.0]])
+    lo, hi = where.min(0), where.max(0)
+    pad = MARGIN[plane.kind] * np.maximum(hi - lo, 1e-12)
+    lo, hi = lo - pad, hi + pad
+    return (axis_through(float(lo[0]), float(hi[0]), points, through_one=plane.kind == "points"),
+            axis_through(float(lo[1]), float(hi[1]), points))
 
 
 @torch.no_grad()

@@ -246,3 +246,27 @@ def plot_plane_surfaces(a: np.ndarray, b: np.ndarray, panels: dict[str, np.ndarr
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+def plot_plane_evaluation(evaluation, title: str = "") -> tuple[Figure, Figure]:
+    """The contour and the 3D figures of an ``overparam.planes.PlaneEvaluation``, each split's loss a panel.
+
+    The plane's kind decides the decorations: the trajectory and the explained variance on the
+    axes for ``pca``, the three networks (equal axes) for ``points``, the eigenvectors' names for
+    ``hessian``.
+    """
+    kind, info = evaluation.plane.kind, evaluation.plane.info
+    marks = {"final" if kind == "pca" else "centre": (0.0, 0.0)}
+    axis_labels = (r"$\alpha$ (along $d_1$)", r"$\beta$ (along $d_2$)")
+    if kind == "points":
+        marks = dict(zip(("centre", "b", "c"), map(tuple, info["points"])))
+    elif kind == "hessian":
+        axis_labels = (r"$\alpha$ (along $v_1$)", r"$\beta$ (along $v_2$)")
+    elif kind == "pca":
+        ratio = info["explained_variance_ratio"]
+        axis_labels = (f"PC 1 ({ratio[0]:.1%} of the variance)", f"PC 2 ({ratio[1]:.1%})")
+    panels = {f"{split} loss": values.numpy() for split, values in evaluation.loss.items()}
+    a, b = evaluation.a.numpy(), evaluation.b.numpy()
+    contours = plot_plane_contours(a, b, panels, title, trajectory=info.get("trajectory") if kind == "pca" else None,
+                                   marks=marks, axis_labels=axis_labels, equal_aspect=kind == "points")
+    return contours, plot_plane_surfaces(a, b, panels, title)

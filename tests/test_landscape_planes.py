@@ -169,6 +169,21 @@ def test_batchnorm_statistics_are_recomputed_at_every_grid_point_like_update_bn(
     torch.testing.assert_close(as_trained.loss["train"][0], ev.loss["train"][0], rtol=1e-12, atol=0)
 
 
+def test_default_axes_hold_the_centre_at_the_grids_own_step():
+    """Ranges taken from a trajectory or three points: 0 (and 1) on the grid, one even step around them."""
+    a = planes.axis_through(-4.89, 0.638, 21)
+    steps = np.diff(a.numpy())
+    assert (a == 0).sum() == 1 and np.allclose(steps, steps[0]) and a[0] <= -4.89 and a[-1] >= 0.638
+    assert 21 <= len(a) <= 22
+    b = planes.axis_through(-0.34, 1.3, 21, through_one=True)
+    assert (b == 0).sum() == 1 and (b == 1).sum() == 1 and np.allclose(np.diff(b.numpy()), 1 / 12)
+    like = {"w": torch.zeros(3, dtype=torch.float64)}
+    plane = points_plane(like, {"w": torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)}, {"w": torch.tensor([0.4, 0.8, 0.0], dtype=torch.float64)})
+    a, b = planes.default_axes(plane, 11)
+    assert (a == 1).any() and a.min() < 0 and b.max() > 0.8 and (b == 0).any()
+    assert [len(v) for v in planes.default_axes(random_plane(like), 11)] == [11, 11]
+
+
 def test_bad_inputs_give_one_line_errors():
     like = {"w": torch.zeros(4, dtype=torch.float64)}
     centre = torch.zeros(4, dtype=torch.float64)
@@ -191,6 +206,8 @@ def test_bad_inputs_give_one_line_errors():
         evaluate_plane(fn, plane, data, mse, points_per_call=0)
     with pytest.raises(ConfigError, match="points must be an integer >= 2"):
         evaluate_plane(fn, plane, data, mse, points=1)
+    with pytest.raises(ConfigError, match=r"the range \[0.5, 2\] must hold 0"):
+        planes.axis_through(0.5, 2.0)
     with pytest.raises(ConfigError, match="needs grid points on both sides"):
         evaluate_plane(fn, plane, data, mse, points=3, a_range=(0, 1)).curvature()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from overparam.callbacks.surface import LossSurface
 from overparam.callbacks.trajectory import TrajectorySnapshots
 from overparam.cli import main as overparam
 from overparam.errors import ConfigError
@@ -81,6 +82,74 @@ def test_a_resumed_run_keeps_the_trajectory_of_an_uninterrupted_one(tmp_path):
 def test_rejects_bad_periods():
     with pytest.raises(ConfigError, match="TrajectorySnapshots.every_n_steps must be positive, got 0"):
         TrajectorySnapshots(every_n_steps=0)
+
+
+class ImageLogger(CSVLogger):
+    """A CSV logger that records ``log_image`` calls, as W&B's logger would receive them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.images: list[str] = []
+
+    def log_image(self, key, images, step=None) -> None:
+        self.images.append(key)
+
+
+def test_loss_surface_callback_at_fit_end(tmp_path):
+    torch.manual_seed(0)
+    data = TeacherStudentData(input_dim=8, num_train=256, num_test=64, batch_size=64)
+    task = TeacherStudent(width=8, input_shape=(8,), num_outputs=1, num_train=256, lr=0.2)
+    pca, filter_ = LossSurface(plane="pca", points=5), LossSurface(points=5, range=[-0.5, 0.5], splits=["train", "test"], name="surface_filter")
+    logger = ImageLogger(tmp_path)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=logger, callbacks=[TrajectorySnapshots(), pca, filter_],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(task, datamodule=data)
+    folder = Path(trainer.log_dir)
+    surface = np.load(folder / "surface" / "surface_end.npz")
+    assert str(surface["plane"]) == "pca" and surface["trajectory"].shape[1] == 2
+    exact = task.evaluate(data.analysis_batches("train"))["loss"].item()
+    assert trainer.callback_metrics["surface/centre/train/loss"].item() == pytest.approx(exact, rel=1e-6)
+    assert 0.5 < trainer.callback_metrics["surface/explained_variance_1"].item() <= 1
+    filtered = np.load(folder / "surface_filter" / "surface_end.npz")
+    assert filtered["a"].tolist() == [-0.5, -0.25, 0.0, 0.25, 0.5] and filtered["test_loss"].shape == (5, 5)
+    assert "surface_filter/curvature/L_aa" in trainer.callback_metrics
+    assert logger.images == ["surface/contour", "surface/surface", "surface_filter/contour", "surface_filter/surface"], "sent to W&B"
+    assert (folder / "surface" / "contour_end.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_loss_surface_under_ddp_equals_the_full_data_evaluation(tmp_path):
+    """Two CPU ranks (ddp_fork): rank 0's snapshots are broadcast, each rank evaluates its shard."""
+    data = TeacherStudentData(input_dim=8, num_train=256, num_test=64, batch_size=64)
+    task = TeacherStudent(width=8, input_shape=(8,), num_outputs=1, num_train=256, lr=0.2)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_fork", logger=CSVLogger(tmp_path),
+                         callbacks=[TrajectorySnapshots(), LossSurface(plane="pca", points=3)],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(task, datamodule=data)
+    surface = np.load(Path(tmp_path) / "lightning_logs" / "version_0" / "surface" / "surface_end.npz")
+    data.setup()
+    exact = task.evaluate([data.split("train")])["loss"].item()  # the launcher hands rank 0's weights back
+    i0, j0 = int(np.flatnonzero(surface["a"] == 0)[0]), int(np.flatnonzero(surface["b"] == 0)[0])
+    assert surface["train_loss"][i0, j0] == pytest.approx(exact, rel=1e-6), "the centre over both ranks' shards"
+    assert surface["trajectory"].shape == (4, 2), "theta_0 and three epoch ends, broadcast from rank 0"
+
+
+def test_loss_surface_rejects_bad_arguments(tmp_path):
+    cases = [
+        (dict(plane="sharp"), "LossSurface.plane must be one of filter, hessian, pca; got 'sharp'"),
+        (dict(points=1), "LossSurface.points must be an integer >= 2"),
+        (dict(range=[1.0, -1.0]), r"LossSurface.range must be \[lo, hi\] with lo < hi, or null; got \[1.0, -1.0\]"),
+        (dict(splits=["dev"]), "LossSurface.splits must be a non-empty list"),
+        (dict(size=0), "LossSurface.size must be a positive integer or null, got 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            LossSurface(**kwargs)
+    task = TeacherStudent(width=8, input_shape=(8,), num_outputs=1, num_train=256)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[LossSurface(plane="pca")],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="plane=pca needs a TrajectorySnapshots callback"):
+        trainer.fit(task, datamodule=TeacherStudentData(input_dim=8, num_train=256, num_test=64))
 
 
 # --- the command on finished runs ------------------------------------------------------------------

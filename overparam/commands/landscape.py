@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -34,14 +33,11 @@ from overparam import planes
 from overparam.commands.interpolate import _OneLineParser, evaluation_data, load_run, member_view, resolve_run
 from overparam.errors import ConfigError
 from overparam.landscape import batchnorm_layers, check_same_shapes
-from overparam.plots import plot_plane_contours, plot_plane_surfaces, save_figure
+from overparam.plots import plot_plane_evaluation, save_figure
 from overparam.progress import Progress
 from overparam.runs import read_trajectory
 
 PROG = "overparam landscape"
-#: Margin around the trajectory (pca) or the three networks (points) when --range is not given:
-#: the fraction of their extent added on each side.
-MARGIN = {"pca": 0.15, "points": 0.3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +94,7 @@ def main(argv: list[str]) -> int:
             others.append(other.params)
     trajectory = None
     if args.plane == "pca":
-        trajectory = _trajectory(args, view.num_parameters, run.task.ensemble_size)
+        trajectory = _trajectory(args, view.num_parameters)
     data = evaluation_data(run, args.splits, args.size, args.batch_size, device)
     train = data["train"] if "train" in data else evaluation_data(run, ["train"], args.size, args.batch_size, device)["train"]
     task = run.task
@@ -114,9 +110,8 @@ def main(argv: list[str]) -> int:
         plane = planes.pca_plane(view.params, trajectory.to(device))
     else:
         plane = planes.points_plane(view.params, *others)
-    a_range, b_range = _ranges(args, plane)
     evaluation = planes.evaluate_plane(
-        view.single_fn, plane, data, task.loss_fn, points=args.grid, a_range=a_range, b_range=b_range,
+        view.single_fn, plane, data, task.loss_fn, axes=_axes(args, plane),
         buffers=view.buffers, bn_module=bn_module, bn_batches=train if has_bn else None,
         centre_buffers=view.buffers if has_bn and args.bn_centre == "stored" else None,
         points_per_call=args.points_per_call, progress=progress,
@@ -125,7 +120,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _trajectory(args: argparse.Namespace, N: int, K: int) -> torch.Tensor:
+def _trajectory(args: argparse.Namespace, N: int) -> torch.Tensor:
     """The member's ``(T, N)`` snapshots, checked against the run's network."""
     if args.trajectory is not None:
         source = args.trajectory
@@ -133,7 +128,7 @@ def _trajectory(args: argparse.Namespace, N: int, K: int) -> torch.Tensor:
         _, config = resolve_run(args.run, "--run")
         source = str(Path(config).parent)
     arrays = read_trajectory(source, "--trajectory" if args.trajectory else "--run")
-    T, K_t, N_t = arrays["params"].shape
+    _, K_t, N_t = arrays["params"].shape
     if N_t != N:
         raise ConfigError(f"--trajectory: the snapshots have {N_t:,} parameters and the run's network {N:,}")
     if not 0 <= args.member < K_t:
@@ -141,53 +136,26 @@ def _trajectory(args: argparse.Namespace, N: int, K: int) -> torch.Tensor:
     return torch.from_numpy(arrays["params"][:, args.member])
 
 
-def _ranges(args: argparse.Namespace, plane: planes.Plane) -> tuple[tuple[float, float], tuple[float, float]]:
-    """``--range`` for both axes, else -1..1, or the box around the trajectory / the points with a margin."""
+def _axes(args: argparse.Namespace, plane: planes.Plane) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--range`` on both axes, else the plane's default grid (``planes.default_axes``)."""
     if args.range is not None:
-        return tuple(args.range), tuple(args.range)
-    where = plane.info.get("trajectory" if args.plane == "pca" else "points")
-    if where is None:
-        return (-1.0, 1.0), (-1.0, 1.0)
-    where = np.vstack([where, [0.0, 0.0]])
-    lo, hi = where.min(0), where.max(0)
-    pad = MARGIN[args.plane] * np.maximum(hi - lo, 1e-12)
-    return (float(lo[0] - pad[0]), float(hi[0] + pad[0])), (float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+        return planes.axis(args.grid, *args.range), planes.axis(args.grid, *args.range)
+    return planes.default_axes(plane, args.grid)
 
 
 def write_outputs(args: argparse.Namespace, ev: planes.PlaneEvaluation) -> None:
     """``surface.npz``, ``contour.png``, ``surface.png`` in ``--out``; the numbers printed."""
-    out = args.out
-    os.makedirs(out, exist_ok=True)
-    curvature = ev.curvature("train") if "train" in ev.loss and _interior(ev) else None
-    arrays = ev.arrays()
-    if curvature is not None:
-        arrays.update({f"curvature:{k}": np.array(v) for k, v in curvature.items()})
-    np.savez(os.path.join(out, "surface.npz"), **arrays)
-    info = ev.plane.info
-    title = f"{args.plane} plane around {args.run}"
-    trajectory = info.get("trajectory") if args.plane == "pca" else None
-    marks = {"final" if args.plane == "pca" else "run": (0.0, 0.0)}
-    if args.plane == "points":
-        marks = dict(zip(("run", "b", "c"), map(tuple, info["points"])))
-    labels = {"pca": ("PC 1 ({:.1%} of the variance)", "PC 2 ({:.1%})"), "hessian": (r"$\alpha$ (along $v_1$)", r"$\beta$ (along $v_2$)")}
-    axis_labels = labels.get(args.plane, (r"$\alpha$ (along $d_1$)", r"$\beta$ (along $d_2$)"))
-    if args.plane == "pca":
-        axis_labels = tuple(label.format(r) for label, r in zip(axis_labels, info["explained_variance_ratio"]))
-    panels = {f"{split} loss": ev.loss[split].numpy() for split in ev.loss}
-    a, b = ev.a.numpy(), ev.b.numpy()
-    save_figure(plot_plane_contours(a, b, panels, title, trajectory=trajectory, marks=marks, axis_labels=axis_labels,
-                                    equal_aspect=args.plane == "points"), os.path.join(out, "contour.png"))
-    save_figure(plot_plane_surfaces(a, b, panels, title), os.path.join(out, "surface.png"))
-    for line in summary(args, ev, curvature):
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(os.path.join(args.out, "surface.npz"), **ev.arrays())
+    contours, surfaces = plot_plane_evaluation(ev, f"{args.plane} plane around {args.run}")
+    save_figure(contours, os.path.join(args.out, "contour.png"))
+    save_figure(surfaces, os.path.join(args.out, "surface.png"))
+    for line in summary(args, ev):
         print(line)
-    print(f"{PROG}: wrote {os.path.join(out, 'surface.npz')}, contour.png, surface.png")
+    print(f"{PROG}: wrote {os.path.join(args.out, 'surface.npz')}, contour.png, surface.png")
 
 
-def _interior(ev: planes.PlaneEvaluation) -> bool:
-    return bool(((ev.a < 0).any() and (ev.a > 0).any() and (ev.b < 0).any() and (ev.b > 0).any()))
-
-
-def summary(args: argparse.Namespace, ev: planes.PlaneEvaluation, curvature: Optional[dict[str, float]]) -> list[str]:
+def summary(args: argparse.Namespace, ev: planes.PlaneEvaluation) -> list[str]:
     """The lines printed after a surface: the grid, the centre, the curvature, the directions."""
     info = ev.plane.info
     lines = [f"{args.plane} plane around {args.run}: {len(ev.a)} x {len(ev.b)} grid, a in [{ev.a[0]:.3g}, {ev.a[-1]:.3g}], "
@@ -195,7 +163,8 @@ def summary(args: argparse.Namespace, ev: planes.PlaneEvaluation, curvature: Opt
     if (ev.a == 0).any() and (ev.b == 0).any():
         centre = ev.centre()
         lines.append("centre:  " + "  ".join(f"{split} loss {centre[f'{split}/loss']:.6g} error {centre[f'{split}/error']:.4%}" for split in ev.loss))
-    if curvature is not None:
+    if "train" in ev.loss and ev.centre_is_interior:
+        curvature = ev.curvature("train")
         lines.append(f"curvature of the train loss at the centre (central differences, h = {curvature['h_a']:.3g}, {curvature['h_b']:.3g}): "
                      f"L_aa {curvature['L_aa']:.4g}  L_bb {curvature['L_bb']:.4g}  L_ab {curvature['L_ab']:.4g}")
     if args.plane == "hessian":
