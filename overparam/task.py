@@ -285,6 +285,9 @@ class Task(pl.LightningModule):
         self._flush_train_records()
         if losses:
             self.check_finite(torch.stack(losses), first)
+        # Loggers write at the Trainer's count of "batches that stepped", which it raises by one
+        # per batch after this hook: a block is many steps, so keep that count = optimizer steps.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step - 1
 
     def _flush_train_records(self) -> None:
         """Errors and sums of the pending training outputs, in one batched pass (not one per step)."""

@@ -102,3 +102,21 @@ def test_float64_precision_stores_data_and_trains_in_float64(tmp_path):
     trainer.fit(task, datamodule=dm)
     assert dm.split("train")[0].dtype == torch.float64 and dm.split("train")[1].dtype == torch.float64
     assert next(task.parameters()).dtype == torch.float64
+
+
+def test_logged_steps_count_optimizer_steps_not_blocks(tmp_path):
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from overparam.plugins.teacher_student import TeacherStudent
+
+    dm = TeacherStudentData(input_dim=3, num_train=64, num_test=32, batch_size=2)  # 32 steps = 2 blocks per epoch
+    task = TeacherStudent(width=4, input_shape=dm.input_shape, num_outputs=dm.num_outputs, num_train=dm.num_train)
+    trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(task, datamodule=dm)
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == [31, 63] and trainer.global_step == 64  # the last step of each epoch, as Lightning logs
