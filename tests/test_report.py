@@ -61,6 +61,7 @@ def run_sweep(root: Path, widths: list[int], K: int, seeds: list[int], P: int, m
                 f"--model.init_args.width={width}", f"--model.init_args.init_seed={seed}",
                 f"--model.init_args.ensemble_size={K}",
                 f"--data.init_args.num_train={P}", "--data.init_args.input_dim=5", "--data.init_args.num_test=200",
+                "--data.init_args.passes_per_epoch=50",  # epochs of 50 steps: the lr endgame ends in ~4k steps
                 f"--trainer.max_steps={max_steps}", "--trainer.enable_model_summary=false",
                 "--optimizer.init_args.lr=0.03",
                 f"--trainer.logger.init_args.save_dir={root}", f"--trainer.logger.init_args.name=w{width}",
