@@ -256,3 +256,28 @@ def test_bad_inputs_end_with_one_line_and_write_nothing(runs, tmp_path, capsys):
         err = one_line_error(capsys)
         assert re.search(message, err), err
     assert not never.exists(), "nothing written on error"
+
+
+@pytest.mark.slow
+def test_batchnorm_cnn_centre_reproduces_the_logged_loss_with_stored_statistics(cifar_root, tmp_path):
+    """CIFAR-CNN with BatchNorm end to end: `--bn-centre stored` gives the logged test loss at the
+    centre; every other point is recomputed the same way in both modes."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert overparam(["fit", "-c", str(CONFIG.parent / "cifar_cnn.yaml"), f"--data.data_dir={cifar_root}", "--model.init_args.width=8",
+                          "--model.init_args.batch_norm=true", "--data.init_args.n_train=1000", "--data.init_args.n_test=500",
+                          "--data.init_args.val_size=0", "--data.init_args.verify_integrity=false", "--data.init_args.augment=false",
+                          "--trainer.max_epochs=2", "--trainer.logger.init_args.name=bn"]) == 0
+        run = tmp_path / "runs" / "bn" / "version_0"
+        for mode in ("stored", "recompute"):
+            assert overparam(["landscape", "--run", str(run), "--grid", "3", "--range", "-0.2", "0.2", "--splits", "test",
+                              "--bn-centre", mode, "--out", mode]) == 0
+    finally:
+        os.chdir(cwd)
+    stored, recomputed = np.load(tmp_path / "stored" / "surface.npz"), np.load(tmp_path / "recompute" / "surface.npz")
+    assert stored["test_loss"][1, 1] == pytest.approx(last_logged(run, "test/loss"), rel=1e-6)
+    assert abs(recomputed["test_loss"][1, 1] - stored["test_loss"][1, 1]) > 1e-4, "after 4 steps the EMA statistics are not the data's"
+    mask = np.ones((3, 3), bool)
+    mask[1, 1] = False
+    np.testing.assert_allclose(stored["test_loss"][mask], recomputed["test_loss"][mask], rtol=1e-6)

@@ -14,6 +14,7 @@ OBSERVATIONS: dict[str, str] = {
     "hessian_spectrum": "overparam.reproduce.hessian_spectrum",
     "jamming": "overparam.reproduce.jamming",
     "lb_vs_sb": "overparam.reproduce.lb_vs_sb",
+    "loss_surfaces": "overparam.reproduce.loss_surfaces",
     "mode_connectivity": "overparam.reproduce.mode_connectivity",
     "sgd_noise": "overparam.reproduce.sgd_noise",
 }
