@@ -114,9 +114,9 @@ class Transformer(Task):
     depth (``n_layers``) scale N for sweeps.
 
     The training loop also logs the L2 norm of the parameters, ``weights/norm`` (per member
-    ``weights/norm/member_k``), at every epoch's end: grokking with weight decay is the descent
-    of this norm from the memorising to the generalising solution (Nanda et al. 2023, Fig. 7;
-    Liu et al. 2023, "Omnigrok").
+    ``weights/norm/member_k``), at every epoch's end: with weight decay the jump of the test
+    accuracy comes with a fall of this norm (Nanda et al. 2023 track the sum of squared weights
+    through their cleanup phase; Liu et al. 2023, "Omnigrok", tie grokking to the weight norm).
 
     Args:
         d_model: d, the width of the residual stream (default 128, Nanda et al. 2023).
