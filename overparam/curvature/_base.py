@@ -35,8 +35,9 @@ LossFn = Callable[..., Tensor]
 Batch = tuple[Tensor, Tensor]
 
 
-def check_vector(v: Tensor, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Raise ValueError unless ``v`` is a vector (N,) or a matrix (N, m) fit for this operator."""
+def check_vector(v: Tensor, dim: int, device: torch.device) -> None:
+    """Raise ValueError unless ``v`` is a vector (N,) or a matrix (N, m) on the operator's device
+    (any floating dtype: products cast it to the operator's)."""
     if v.dim() not in (1, 2) or v.shape[0] != dim:
         raise ValueError(f"Input tensor must have shape ({dim},) or ({dim}, m), with m arbitrary. Got {tuple(v.shape)}.")
     if v.device != device:
@@ -126,7 +127,7 @@ class CurvatureOperator:
 
     def matvec(self, v: Tensor) -> Tensor:
         """``A v`` for a flat vector ``v`` of shape (N,); every rank gets the same result."""
-        check_vector(v, self.dim, self.dtype, self.device)
+        check_vector(v, self.dim, self.device)
         v_dict = self.unflatten(v.to(self.dtype))
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with torch.no_grad():
@@ -137,7 +138,7 @@ class CurvatureOperator:
 
     def matmat(self, V: Tensor) -> Tensor:
         """``A V`` for V of shape (N, m), column by column."""
-        check_vector(V, self.dim, self.dtype, self.device)
+        check_vector(V, self.dim, self.device)
         if V.dim() == 1:
             return self.matvec(V)
         return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
@@ -173,12 +174,3 @@ class CurvatureOperator:
         all_reduce_sum(total)
         total.div_(self.num_points)
         return float(total[-1]), total[:-1]
-
-    def random_vector(self, seed: int, kind: str = "gaussian") -> Tensor:
-        """A probe from a seeded CPU generator: the same on every rank and every device."""
-        generator = torch.Generator().manual_seed(seed)
-        if kind == "rademacher":
-            v = torch.randint(0, 2, (self.dim,), generator=generator).to(torch.float64).mul_(2).sub_(1)
-        else:
-            v = torch.randn(self.dim, generator=generator, dtype=torch.float64)
-        return v.to(device=self.device, dtype=self.dtype)
