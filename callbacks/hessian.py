@@ -65,7 +65,6 @@ from overparam.curvature import (
     block_indices,
     eigsh,
     eigvalsh,
-    histogram,
     hutchinson,
     moment_stderr,
     merge_top_k,
@@ -79,26 +78,13 @@ from overparam.curvature import (
 from overparam import plots
 from overparam.curvature.blocks import LAYERS, BlockSpec
 from overparam.curvature.lanczos import EigenResult
+from overparam.curvature.outliers import count_outliers
 from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.progress import Progress
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
-
-
-def count_outliers(eigenvalues: Sequence[float], ratio: float = 2.0) -> int:
-    """The number of eigenvalues above ``ratio`` times the bulk's edge (the module docstring's rule).
-
-    Args:
-        eigenvalues: the top-k eigenvalues, largest first; the last one stands for the bulk edge.
-        ratio: how far above the edge an outlier lies.
-    """
-    values = [float(v) for v in eigenvalues]
-    if len(values) < 2:
-        return 0
-    threshold = ratio * max(values[-1], 0.0)
-    return sum(1 for v in values[:-1] if v > threshold)
 
 
 def block_index_sets(option: str, params: dict[str, Tensor], spec: BlockSpec) -> dict[str, Tensor]:
@@ -484,8 +470,7 @@ class HessianSpectrum(AnalysisCallback):
         start = next((h for h in entries if h["tag"] == FIT_START), None)
         shown = [start, current] if start is not None and start is not current else [current]
         path = os.path.join(self.output_dir(trainer), filename)
-        plot_spectra(shown, path, self.outlier_ratio)
-        return path
+        return plots.save_figure(plots.plot_hessian_spectra(shown, self.outlier_ratio), path, dpi=110, tight=False)
 
     def _plot_blocks(self, trainer: pl.Trainer, result: dict[str, Any], filename: str) -> str:
         """The full spectrum against diag(H_bb), and each block's lambda_1 and tr/N_b (``plots``)."""
@@ -598,7 +583,7 @@ class HessianSpectrum(AnalysisCallback):
         )
         if self.plot:
             path = os.path.join(self.output_dir(trainer), "subspace_overlap.png")
-            plot_subspace(rows, path)
+            plots.save_figure(plots.plot_gradient_subspace(rows), path, dpi=110)
             self.log_image(trainer, "subspace_overlap", path)
 
     # --- resume ---------------------------------------------------------------------------------
@@ -683,87 +668,3 @@ def _histogram_samples(result: dict[str, Any]) -> np.ndarray:
         nodes, weights = result["nodes"].numpy().ravel(), result["weights"].numpy().ravel()
         return np.repeat(nodes, np.maximum(np.round(weights * 1000), 0).astype(int))
     return result["top"].numpy()
-
-
-def plot_spectra(entries: list[dict[str, Any]], path: str, outlier_ratio: float = 2.0) -> None:
-    """Log-scale histogram of each entry's spectrum, outliers marked, spectra overlaid.
-
-    An entry (a history row) gives ``exact`` eigenvalues (a true histogram), else SLQ
-    ``nodes``/``weights`` (counts ``N * weight`` per bin, summing to N, with a band of +-2
-    probe-to-probe standard errors when there are several probes), else only its top
-    eigenvalues. Outliers (``count_outliers``) are marked with dashed lines. The caption states
-    the number of SLQ probes and how many top eigenvalues converged.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = []
-    for e in entries:
-        values += e["eigenvalues"] + (e["exact"] or []) + [v for row in (e["nodes"] or []) for v in row]
-    lo, hi = min(values), max(values)
-    pad = 0.02 * max(hi - lo, 1e-12)
-    bins = torch.linspace(lo - pad, hi + pad, 101, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = ["tab:blue", "tab:red"] if len(entries) == 2 else ["tab:red"]
-    caption = []
-    for e, color in zip(entries, colors):
-        label = f"{e['tag']} (epoch {e['epoch']})"
-        if e["exact"] is not None:
-            counts = torch.histogram(torch.tensor(e["exact"], dtype=torch.float64), bins).hist
-            source = "exact eigvalsh"
-        elif e["nodes"] is not None:
-            nodes, weights = (torch.tensor(e[key], dtype=torch.float64) for key in ("nodes", "weights"))
-            per_probe = torch.stack([histogram(nodes[i : i + 1], weights[i : i + 1], e["N"], bins)[1] for i in range(nodes.shape[0])])
-            counts = per_probe.mean(0)
-            n_probes, steps = nodes.shape
-            source = f"SLQ, {n_probes} probe{'s' if n_probes > 1 else ''} x {steps} Lanczos steps"
-            if n_probes > 1:
-                band = 2 * per_probe.std(0) / n_probes**0.5
-                low = (counts - band).clamp_min(0).numpy()
-                ax.stairs((counts + band).numpy(), bins.numpy(), baseline=low, color=color, alpha=0.15, fill=True)
-                source += ", band +-2 SE"
-        else:
-            counts = torch.histogram(torch.tensor(e["eigenvalues"], dtype=torch.float64), bins).hist
-            label += ", top-k only"
-            source = "top-k only"
-        ax.stairs(counts.numpy(), bins.numpy(), color=color, label=label, fill=True, alpha=0.35)
-        n_out = count_outliers(e["eigenvalues"], outlier_ratio)
-        for i, lam in enumerate(e["eigenvalues"][:n_out]):
-            ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outlier{'s' if n_out > 1 else ''}" if i == 0 else None)
-        k, missing = len(e["eigenvalues"]), sum(not c for c in e.get("converged", []))
-        status = f"{missing} of the top-{k} NOT converged" if missing else f"top-{k} converged"
-        caption.append(f"{e['tag']}: {source}; {status}")
-    ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue of the Hessian")
-    ax.set_ylabel("number of eigenvalues")
-    ax.set_title(f"Hessian spectrum (N = {entries[-1]['N']:,})")
-    ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.03 * len(caption) + 0.01, 1, 1))
-    fig.text(0.01, 0.01, "\n".join(caption), fontsize=7, va="bottom")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_subspace(rows: list[dict[str, Any]], path: str) -> None:
-    """Gradient fraction in the top subspace and overlap of successive subspaces vs step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for member in sorted({r["member"] for r in rows}):
-        mine = [r for r in rows if r["member"] == member]
-        tag = f" (member {member})" if member else ""
-        ax.plot([r["step"] for r in mine], [r["fraction_full"] for r in mine], label="|P g_full|^2/|g_full|^2" + tag)
-        ax.plot([r["step"] for r in mine], [r["fraction_batch"] for r in mine], label="|P g_batch|^2/|g_batch|^2" + tag, alpha=0.7)
-        over = [r for r in mine if not math.isnan(r["overlap"])]
-        ax.plot([r["step"] for r in over], [r["overlap"] for r in over], "o-", label="overlap of successive top-k subspaces" + tag)
-    ax.set_xlabel("step")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

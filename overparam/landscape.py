@@ -646,12 +646,9 @@ def fit_curve(
 # --- outputs ----------------------------------------------------------------------------------
 def plot_path(evaluations: Mapping[str, PathEvaluation], filename: str, title: str = "") -> str:
     """Loss (left) and 0/1 error (right) against t, one line per split and path; saves a PNG."""
-    import matplotlib
+    from overparam.plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = subplots(1, 2, figsize=(9, 3.4))
     for label, ev in evaluations.items():
         for split in ev.loss:
             style = "-" if split == "train" else "--"
@@ -666,7 +663,5 @@ def plot_path(evaluations: Mapping[str, PathEvaluation], filename: str, title: s
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(filename, dpi=110)
-    plt.close(fig)
+    save_figure(fig, filename, dpi=110)
     return filename

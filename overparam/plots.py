@@ -11,8 +11,12 @@ import math
 from typing import Optional
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from overparam.curvature.outliers import count_outliers
+from overparam.curvature.slq import histogram
 
 
 def new_figure(width: float = 5.0, height: float = 3.5) -> Figure:
@@ -20,12 +24,20 @@ def new_figure(width: float = 5.0, height: float = 3.5) -> Figure:
     return Figure(figsize=(width, height))
 
 
-def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
-    """Lay out and write ``fig`` as a PNG at ``path``; returns ``path``."""
+def subplots(*args, figsize: tuple[float, float] = (5.0, 3.5), **kwargs):
+    """``pyplot.subplots`` without pyplot: ``(figure, axes)`` of a new ``Figure``."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Figure, path, dpi: int = 120, tight: bool = True) -> str:
+    """Write ``fig`` as a PNG at ``path`` (laid out tight unless the caller did its own layout);
+    returns ``path``."""
     FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    return path
+    return str(path)
 
 
 # --- p-spin ----------------------------------------------------------------------------------
@@ -270,3 +282,75 @@ def plot_plane_evaluation(evaluation, title: str = "") -> tuple[Figure, Figure]:
     contours = plot_plane_contours(a, b, panels, title, trajectory=info.get("trajectory") if kind == "pca" else None,
                                    marks=marks, axis_labels=axis_labels, equal_aspect=kind == "points")
     return contours, plot_plane_surfaces(a, b, panels, title)
+
+
+def plot_hessian_spectra(entries: list[dict], outlier_ratio: float = 2.0) -> Figure:
+    """Log-scale histogram of each entry's spectrum, outliers marked, spectra overlaid.
+
+    An entry (a history row) gives ``exact`` eigenvalues (a true histogram), else SLQ
+    ``nodes``/``weights`` (counts ``N * weight`` per bin, summing to N, with a band of +-2
+    probe-to-probe standard errors when there are several probes), else only its top
+    eigenvalues. Outliers (``count_outliers``) are marked with dashed lines. The caption states
+    the number of SLQ probes and how many top eigenvalues converged; laid out already (save with
+    ``tight=False``).
+    """
+    values = []
+    for e in entries:
+        values += e["eigenvalues"] + (e["exact"] or []) + [v for row in (e["nodes"] or []) for v in row]
+    lo, hi = min(values), max(values)
+    pad = 0.02 * max(hi - lo, 1e-12)
+    bins = torch.linspace(lo - pad, hi + pad, 101, dtype=torch.float64)
+    fig, ax = subplots(figsize=(6.4, 4.4))
+    colors = ["tab:blue", "tab:red"] if len(entries) == 2 else ["tab:red"]
+    caption = []
+    for e, color in zip(entries, colors):
+        label = f"{e['tag']} (epoch {e['epoch']})"
+        if e["exact"] is not None:
+            counts = torch.histogram(torch.tensor(e["exact"], dtype=torch.float64), bins).hist
+            source = "exact eigvalsh"
+        elif e["nodes"] is not None:
+            nodes, weights = (torch.tensor(e[key], dtype=torch.float64) for key in ("nodes", "weights"))
+            per_probe = torch.stack([histogram(nodes[i : i + 1], weights[i : i + 1], e["N"], bins)[1] for i in range(nodes.shape[0])])
+            counts = per_probe.mean(0)
+            n_probes, steps = nodes.shape
+            source = f"SLQ, {n_probes} probe{'s' if n_probes > 1 else ''} x {steps} Lanczos steps"
+            if n_probes > 1:
+                band = 2 * per_probe.std(0) / n_probes**0.5
+                low = (counts - band).clamp_min(0).numpy()
+                ax.stairs((counts + band).numpy(), bins.numpy(), baseline=low, color=color, alpha=0.15, fill=True)
+                source += ", band +-2 SE"
+        else:
+            counts = torch.histogram(torch.tensor(e["eigenvalues"], dtype=torch.float64), bins).hist
+            label += ", top-k only"
+            source = "top-k only"
+        ax.stairs(counts.numpy(), bins.numpy(), color=color, label=label, fill=True, alpha=0.35)
+        n_out = count_outliers(e["eigenvalues"], outlier_ratio)
+        for i, lam in enumerate(e["eigenvalues"][:n_out]):
+            ax.axvline(lam, color=color, linestyle="--", linewidth=0.9, label=f"{n_out} outlier{'s' if n_out > 1 else ''}" if i == 0 else None)
+        k, missing = len(e["eigenvalues"]), sum(not c for c in e.get("converged", []))
+        status = f"{missing} of the top-{k} NOT converged" if missing else f"top-{k} converged"
+        caption.append(f"{e['tag']}: {source}; {status}")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue of the Hessian")
+    ax.set_ylabel("number of eigenvalues")
+    ax.set_title(f"Hessian spectrum (N = {entries[-1]['N']:,})")
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03 * len(caption) + 0.01, 1, 1))
+    fig.text(0.01, 0.01, "\n".join(caption), fontsize=7, va="bottom")
+    return fig
+
+
+def plot_gradient_subspace(rows: list[dict]) -> Figure:
+    """Gradient fraction in the top subspace and overlap of successive subspaces vs step."""
+    fig, ax = subplots(figsize=(6.4, 4.0))
+    for member in sorted({r["member"] for r in rows}):
+        mine = [r for r in rows if r["member"] == member]
+        tag = f" (member {member})" if member else ""
+        ax.plot([r["step"] for r in mine], [r["fraction_full"] for r in mine], label="|P g_full|^2/|g_full|^2" + tag)
+        ax.plot([r["step"] for r in mine], [r["fraction_batch"] for r in mine], label="|P g_batch|^2/|g_batch|^2" + tag, alpha=0.7)
+        over = [r for r in mine if not math.isnan(r["overlap"])]
+        ax.plot([r["step"] for r in over], [r["overlap"] for r in over], "o-", label="overlap of successive top-k subspaces" + tag)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    return fig

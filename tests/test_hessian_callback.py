@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from overparam.callbacks import HessianSpectrum
-from overparam.callbacks.hessian import count_outliers
+from overparam.curvature.outliers import count_outliers
 from overparam.curvature import dense_hessian, eigvalsh
 from overparam.errors import ConfigError
 from overparam.plugins.teacher_student import TeacherStudent, TeacherStudentData

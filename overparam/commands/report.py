@@ -197,16 +197,13 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 def plot(out: str, samples: list[dict[str, Any]], groups: list[dict[str, Any]], nstars: list[dict[str, Any]]) -> list[str]:
     """The three figures; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from overparam.plots import subplots
 
     paths = []
     Ps = sorted({g["P"] for g in groups})
     colors = {P: f"C{i}" for i, P in enumerate(Ps)}
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for P in Ps:
         pts = [s for s in samples if s["P"] == P]
         ax.scatter([P / s["N"] for s in pts], [s["N_delta_over_N"] for s in pts], s=14, color=colors[P], label=f"P = {P}")
@@ -214,7 +211,7 @@ def plot(out: str, samples: list[dict[str, Any]], groups: list[dict[str, Any]], 
     ax.legend()
     paths.append(_save(fig, os.path.join(out, "ndelta.png")))
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for P in Ps:
         rows = [g for g in groups if g["P"] == P]
         ax.plot([g["N_over_P"] for g in rows], [g["sat_fraction"] for g in rows], "o-", color=colors[P], label=f"P = {P}")
@@ -228,7 +225,7 @@ def plot(out: str, samples: list[dict[str, Any]], groups: list[dict[str, Any]], 
     ax.legend()
     paths.append(_save(fig, os.path.join(out, "phase_diagram.png")))
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for P in Ps:
         rows = [g for g in groups if g["P"] == P]
         Ns = [g["N"] for g in rows]
@@ -249,14 +246,11 @@ def plot(out: str, samples: list[dict[str, Any]], groups: list[dict[str, Any]], 
 def _save(fig: Any, path: str) -> str:
     from matplotlib.ticker import NullFormatter
 
+    from overparam.plots import save_figure
+
     for ax in fig.axes:
         ax.xaxis.set_minor_formatter(NullFormatter())  # log axes: decade labels only
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def ensemble_of_seeds(samples: list[dict[str, Any]]) -> dict[tuple[int, int], float]:

@@ -81,12 +81,9 @@ def summary(run: Path, n_test: int) -> dict[str, Any]:
 
 
 def plot(s: dict[str, Any], trained: dict[str, Path], numbers: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
+    from overparam.plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, axes = subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
     ax = axes[0]
     for arm, color, label in (("sgd", "C0", f"SGD (batch {s['sgd_batch']})"), ("gd", "C3", "GD (full batch)")):
         for i, seed in enumerate(s["seeds"]):
@@ -110,10 +107,8 @@ def plot(s: dict[str, Any], trained: dict[str, Path], numbers: dict[str, Any], o
     ax.title.set_fontsize(8)
     P = numbers["P"]
     fig.suptitle(f"MNIST-FC 784-500-100-10 (N = 443,610), P = {P:,}, lr 0.1, no momentum", fontsize=9)
-    fig.tight_layout()
     name = "gd_vs_sgd.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / name, dpi=110)
     return [name]
 
 

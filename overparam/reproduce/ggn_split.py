@@ -50,14 +50,11 @@ def spectra(run: Path, steps: int = 90, seed: int = 0) -> dict[str, Any]:
 
 
 def plot(name: str, end: dict[str, np.ndarray], sp: dict[str, Any], out: Path, filename: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from overparam.plots import save_figure, subplots
 
     from overparam.curvature import histogram
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    fig, axes = subplots(1, 3, figsize=(15, 3.9))
     hi = 1.05 * float(end["eigenvalues"].max())
     r = max(abs(float(v)) for v in end["residual_extremes"])
     lo = min(float(min(sp[k]["nodes"].min() for k in "HGR")), -0.05 * hi)
@@ -77,9 +74,7 @@ def plot(name: str, end: dict[str, np.ndarray], sp: dict[str, Any], out: Path, f
     ax.axhline(abs(r_bottom), color="C3", lw=1, ls=":", label=f"R: |smallest| {abs(r_bottom):.2f} (negative)")
     ax.set(xlabel="index i", ylabel="eigenvalue", title="top eigenvalues of H and G, extremes of R")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / filename, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / filename, dpi=100)
     return filename
 
 

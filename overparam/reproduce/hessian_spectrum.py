@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from overparam.callbacks.hessian import count_outliers
+from overparam.curvature.outliers import count_outliers
 from overparam.reproduce import _runs
 
 TITLE = "Hessian spectrum at the start and end of training: bulk + outliers, count vs classes, vs batch size (MNIST-FC)"
@@ -115,16 +115,12 @@ def _hist(ax, a: dict[str, np.ndarray], bins: np.ndarray, **kw) -> None:
 
 
 def plot(s: dict[str, Any], trained: dict[str, Path], out: Path) -> list[str]:
-    import matplotlib
+    from overparam.plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(trained)
     b0 = s["batch_sizes"][0]
     figures = []
     # 1. The talk's figure: log-count histogram of the spectrum, start vs end, top eigenvalues marked.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    fig, axes = subplots(1, 3, figsize=(15, 3.9))
     panels = (f"digits_b{b0}", f"digits_b{s['batch_sizes'][-1]}", f"parity_b{b0}")
     for ax, name, label in zip(axes, panels, ("digits, C = 10", "digits, C = 10", "parity, 2 classes (1 output)")):
         start, end = load(trained[name], "start"), load(trained[name], "end")
@@ -141,13 +137,11 @@ def plot(s: dict[str, Any], trained: dict[str, Path], out: Path) -> list[str]:
         ax.set_title(f"{label}, N = {int(end['N']):,}, B = {name.split('_b')[1]}\nrule's outliers: start {int(start['outliers'])}, end {int(end['outliers'])}", fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle("Hessian of the training loss, MNIST-FC (dashed: the callback's outliers, Lanczos top-21)", fontsize=9)
-    fig.tight_layout()
     figures.append("hessian_spectrum_start_end.png")
-    fig.savefig(out / figures[-1], dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / figures[-1], dpi=100)
 
     # 2. Top eigenvalues vs batch size, and digits vs parity.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+    fig, axes = subplots(1, 3, figsize=(15, 3.9))
     ax = axes[0]
     for i, b in enumerate(s["batch_sizes"]):
         end = load(trained[f"digits_b{b}"], "end")
@@ -173,10 +167,8 @@ def plot(s: dict[str, Any], trained: dict[str, Path], out: Path) -> list[str]:
     ax.invert_xaxis()
     ax.set(xlabel="training loss (mean over the epoch)", ylabel="lambda_1", title="digits: lambda_1 vs training loss\n(label: epochs done)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     figures.append("hessian_spectrum_batch_size.png")
-    fig.savefig(out / figures[-1], dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / figures[-1], dpi=100)
     return figures
 
 

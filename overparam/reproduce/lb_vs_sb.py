@@ -122,14 +122,11 @@ def _barriers(curve: dict[str, np.ndarray], label: str = "linear") -> dict[str, 
 
 
 def plot(s: dict[str, Any], trained: dict[str, Path], curves: dict[str, dict[str, np.ndarray]], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from overparam.plots import save_figure, subplots
 
     names = []
     labels = {"lb": f"LB ({s['lb']})", "sb": f"SB ({s['sb']})", "lb_to_sb": f"LB then SB (switch at epoch {s['switch']})"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = subplots(1, 2, figsize=(10, 3.6))
     for key, color in zip(labels, ("C3", "C0", "C2")):
         h = _history(trained[key])
         epochs = h["epoch"] + 1
@@ -142,12 +139,10 @@ def plot(s: dict[str, Any], trained: dict[str, Path], curves: dict[str, dict[str
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle("MNIST-FC: large vs small batch (dashed: training set, running mean over the epoch; solid: held-out digits)", fontsize=9)
-    fig.tight_layout()
     names.append("lb_vs_sb_training.png")
-    fig.savefig(out / names[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / names[-1], dpi=110)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     titles = {"lb_sb": "LB (t=0) to SB (t=1)", "switch": "LB at the switch (t=0) to LB then SB (t=1)"}
     for ax, key in zip(axes[:2], titles):
         c = curves[key]
@@ -166,10 +161,8 @@ def plot(s: dict[str, Any], trained: dict[str, Path], curves: dict[str, dict[str
         ax.plot(c["t"], c["test_loss"], color=color, label=f"{label}, test")
     ax.set(xlabel="t (filter-normalised random direction)", ylabel="loss", yscale="log", title="lines away from the solutions")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     names.append("lb_vs_sb_lines.png")
-    fig.savefig(out / names[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / names[-1], dpi=110)
     return names
 
 

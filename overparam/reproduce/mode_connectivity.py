@@ -63,12 +63,9 @@ def barrier_history(run: Path) -> dict[str, np.ndarray]:
 
 
 def plot(curve: dict[str, np.ndarray], history: dict[str, np.ndarray], out: Path) -> list[str]:
-    import matplotlib
+    from overparam.plots import save_figure, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     t = curve["t"]
     for ax, what in zip(axes[:2], ("loss", "error")):
         for prefix, color, label in (("linear_", "C3", "linear path"), ("", "C0", "Bezier curve")):
@@ -84,10 +81,8 @@ def plot(curve: dict[str, np.ndarray], history: dict[str, np.ndarray], out: Path
         ax.plot(history["step"], history[key], style, marker="o", label=key.split("/")[1] + " loss")
     ax.set(xlabel="optimizer step", ylabel="barrier of the linear path", title="linear barrier during training")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     name = "mode_connectivity.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / name, dpi=110)
     return [name]
 
 

@@ -212,14 +212,11 @@ def B_simple_at(history: dict[str, Any], curve: dict[str, np.ndarray], target: f
 
 # --- figures -------------------------------------------------------------------------------------
 def plot(s: dict[str, Any], numbers: dict[str, Any], curves: dict[str, dict[str, np.ndarray]], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from overparam.plots import save_figure, subplots
 
     h = numbers["noise"]
     names = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = subplots(1, 2, figsize=(11, 3.8))
     ax = axes[0]
     for i, (name, values) in enumerate(h["alpha_layers"].items()):
         ax.plot(h["alpha_epochs"], values, "o-", ms=3, lw=1, color=f"C{i}", label=name)
@@ -239,12 +236,10 @@ def plot(s: dict[str, Any], numbers: dict[str, Any], curves: dict[str, dict[str,
     twin.set_yscale("log")
     ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"MNIST-FC (N = 443,610), P = {numbers['P']:,}, SGD batch {s['batch']}, lr 0.1", fontsize=9)
-    fig.tight_layout()
     names.append("sgd_noise_alpha_bsimple.png")
-    fig.savefig(out / names[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / names[-1], dpi=110)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(1, 3, figsize=(15, 4))
     Bs = np.array(s["batch_sizes"], float)
     grid = np.geomspace(Bs.min() / 1.5, Bs.max() * 1.5, 100)
     for ax, protocol, title in ((axes[0], "fixed_lr", f"fixed lr {s['lr']:g}"),
@@ -275,10 +270,8 @@ def plot(s: dict[str, Any], numbers: dict[str, Any], curves: dict[str, dict[str,
     ax.title.set_fontsize(8)
     ax.legend(fontsize=7)
     fig.suptitle(f"Critical batch size, MNIST-FC, P = {numbers['P']:,} (McCandlish et al. 2018: S = S_min (1 + B_noise / B))", fontsize=9)
-    fig.tight_layout()
     names.append("sgd_noise_critical_batch.png")
-    fig.savefig(out / names[-1], dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / names[-1], dpi=100)
     return names
 
 
