@@ -36,6 +36,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from overparam import seeds
 from overparam.callbacks.base import AnalysisCallback
 from overparam.errors import ConfigError, check_positive
 from overparam.noise import (
@@ -288,7 +289,7 @@ class GradientNoise(AnalysisCallback):
         if b == P_sub:
             rank_zero_warn("GradientNoise: minibatch size equals the analysis subset: no noise to measure; skipping alpha")
             return
-        generator = torch.Generator().manual_seed(datamodule.seed + 104729 + len(self.history))
+        generator = seeds.noise_minibatches(datamodule.seed, len(self.history))
         rank, W = trainer.global_rank, trainer.world_size
         minibatches = []
         for _ in range(self.num_minibatches):

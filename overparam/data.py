@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from overparam import seeds
 from overparam.errors import ConfigError, check_positive
 
 Batch = tuple[Tensor, Tensor]
@@ -203,7 +204,7 @@ class TrainSteps:
         return math.ceil(sum(len(p) for p in self.plan()) / self.steps_per_block)
 
     def permutation(self, pass_index: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + pass_index)
+        generator = seeds.pass_order(self.seed, pass_index)
         return torch.randperm(self.num_points, generator=generator).to(self.x.device)
 
     def steps(self) -> Iterator[TrainStep]:
@@ -211,8 +212,7 @@ class TrainSteps:
         epoch = self.epoch()
         generator = None
         if self.transform is not None:
-            generator = torch.Generator(device=self.x.device)
-            generator.manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
+            generator = seeds.augmentation(self.seed, epoch, self.rank, self.x.device)
         for r, sizes in enumerate(self.plan()):
             order, start = self.permutation(epoch * self.passes + r), 0
             for size in sizes:
@@ -431,7 +431,7 @@ class OverparamDataModule(pl.LightningDataModule):
         """
         x, y = self.split(split)
         size = size or (self.analysis_size if split == "train" else None) or x.shape[0]
-        generator = torch.Generator().manual_seed(self.seed + 7919)
+        generator = seeds.analysis_subset(self.seed)
         chosen = torch.randperm(x.shape[0], generator=generator)[: min(size, x.shape[0])]
         chosen = chosen.sort().values.to(x.device)
         if shard_across_ranks:

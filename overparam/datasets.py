@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from overparam import seeds
 from overparam.data import Batch, BatchSize, OverparamDataModule
 from overparam.errors import ConfigError, check_fraction, check_positive
 
@@ -403,11 +404,6 @@ def scramble_labels(y: Tensor, fraction: float, num_classes: int, generator: tor
     return y, mask
 
 
-def seeded(seed: int, stream: int) -> torch.Generator:
-    """A CPU generator for one independent use (``stream``) of the data seed."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + stream)
-
-
 # --- the shared DataModule ------------------------------------------------------------------------
 class ImageData(OverparamDataModule):
     """Base of the real-image DataModules: subsample, carve, relabel on the CPU; normalise on the device.
@@ -523,27 +519,27 @@ class ImageData(OverparamDataModule):
         chosen: dict[str, Tensor] = {}
         rest = torch.arange(y.numel())
         if self.val_size:
-            val = balanced_subset(y, self.val_size, seeded(self.seed, 1))
+            val = balanced_subset(y, self.val_size, seeds.data_stream(self.seed, 1))
             chosen["val"] = val
             keep = torch.ones(y.numel(), dtype=torch.bool)
             keep[val] = False
             rest = rest[keep]
         if self.n_train is not None:
-            rest = rest[balanced_subset(y[rest], self.n_train, seeded(self.seed, 2))]
+            rest = rest[balanced_subset(y[rest], self.n_train, seeds.data_stream(self.seed, 2))]
         chosen["train"] = rest
         splits = {name: (x[idx], y[idx]) for name, idx in chosen.items()}
         x_test, y_test = full["test"]
         if self.n_test is not None:
-            idx = balanced_subset(y_test, self.n_test, seeded(self.seed, 3))
+            idx = balanced_subset(y_test, self.n_test, seeds.data_stream(self.seed, 3))
             x_test, y_test = x_test[idx], y_test[idx]
         splits["test"] = (x_test, y_test)
         for stream, name in enumerate(("train", "val", "test"), start=10):
             if name in splits:
-                x_s, y_s = self.make_examples(*splits[name], seeded(self.seed, stream))
+                x_s, y_s = self.make_examples(*splits[name], seeds.data_stream(self.seed, stream))
                 splits[name] = (x_s, self.binary_labels(y_s) if self.binary else y_s)
         if self.label_noise:
             x_tr, y_tr = splits["train"]
-            y_tr, self.scrambled = scramble_labels(y_tr, self.label_noise, self.num_classes, seeded(self.seed, 4))
+            y_tr, self.scrambled = scramble_labels(y_tr, self.label_noise, self.num_classes, seeds.data_stream(self.seed, 4))
             splits["train"] = (x_tr, y_tr)
         return splits
 
@@ -560,6 +556,6 @@ class ImageData(OverparamDataModule):
         splits = self.transform_inputs(splits)
         if self.input_noise:
             x, y = splits["train"]
-            noise = torch.randn(x.shape, generator=seeded(self.seed, 5), dtype=self.dtype)
+            noise = torch.randn(x.shape, generator=seeds.data_stream(self.seed, 5), dtype=self.dtype)
             splits["train"] = (x + self.input_noise * noise.to(self.device), y)
         self.splits = splits

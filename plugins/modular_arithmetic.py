@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from overparam import seeds
 from overparam.data import Batch, BatchSize, OverparamDataModule
 from overparam.errors import ConfigError, check_choice
 
@@ -133,7 +134,7 @@ class ModularArithmetic(OverparamDataModule):
 
     def load_splits(self) -> dict[str, Batch]:
         x, y = equations(self.p, self.operation)
-        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + 97))
+        order = torch.randperm(x.shape[0], generator=seeds.data_stream(self.seed, 97))
         train, held_out = order[: self.num_train], order[self.num_train :].sort().values
         splits = {"train": (x[train], y[train]), "test": (x[held_out], y[held_out])}
         if self.validate:

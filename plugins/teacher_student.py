@@ -20,6 +20,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from overparam import seeds
 from overparam.data import BatchSize, OverparamDataModule
 from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.models import ACTIVATIONS, FullyConnected, Width
@@ -128,9 +129,8 @@ class TeacherStudentData(OverparamDataModule):
         for offset, (name, n) in enumerate((("train", self.P), ("test", self.num_test), ("val", self.num_val))):
             if n == 0:
                 continue
-            seed = self.seed * 1_000_003 + 2 * offset
-            x = self._inputs(n, torch.Generator().manual_seed(seed))
-            splits[name] = (x, self._labels(x, torch.Generator().manual_seed(seed + 1), teacher))
+            x = self._inputs(n, seeds.data_stream(self.seed, 2 * offset))
+            splits[name] = (x, self._labels(x, seeds.data_stream(self.seed, 2 * offset + 1), teacher))
         return splits
 
 

@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from overparam import seeds
 from overparam.progress import Progress, track
 
 MatVec = Callable[[Tensor], Tensor]
@@ -135,7 +136,7 @@ class _Krylov:
         self.T = torch.zeros(capacity + 1, capacity + 1, dtype=torch.float64)
         self.size, self.lo, self.beta, self.scale = 0, 0, 0.0, 0.0
         self.num_matvecs = 0
-        self.generator = torch.Generator().manual_seed(seed + 104_729)
+        self.generator = seeds.lanczos_restarts(seed)
 
     def _project_out(self, w: Tensor, n: int) -> Tensor:
         """One classical Gram-Schmidt pass against ``V[:n]``: one matrix product each way."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from overparam import seeds
 from overparam.curvature.lanczos import MatVec
 
 #: probes. Default 10: cheap next to a Lanczos run; the standard error is reported with the
@@ -40,7 +41,7 @@ def hutchinson(
     """Estimate tr A from ``num_probes`` products with Rademacher vectors."""
     samples = torch.zeros(num_probes, dtype=torch.float64)
     for i in range(num_probes):
-        generator = torch.Generator().manual_seed(seed + 7_919 * (i + 1))
+        generator = seeds.trace_probe(seed, i)
         z = torch.randint(0, 2, (dim,), generator=generator).to(torch.float64).mul_(2).sub_(1)
         z = z.to(device=device, dtype=dtype)
         samples[i] = torch.dot(matvec(z).to(torch.float64), z.to(torch.float64))
