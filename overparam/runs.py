@@ -5,7 +5,8 @@ A run folder (``<default_root_dir>/<task>/version_N/``) holds ``config.yaml``,
 ``trajectory/trajectory.npz`` when it was trained with ``TrajectorySnapshots``. These helpers
 turn every way a given checkpoint or trajectory can be wrong (missing, truncated, not a
 checkpoint) into one ``ConfigError`` line, find the folder a checkpoint belongs to (a resumed
-run continues there), and cut the rows a resumed run will log again out of its ``metrics.csv``.
+run continues there), cut the rows a resumed run will log again out of its ``metrics.csv``, and
+read its metrics, hyperparameters and config (the one reader for commands and ``reproduce``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import yaml
 
 from overparam.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+HPARAMS_FILE = "hparams.yaml"
 CHECKPOINT_FOLDER = "checkpoints"
 #: Where ``TrajectorySnapshots`` (its default name) keeps the parameter snapshots of a run.
 TRAJECTORY_FILE = Path("trajectory") / "trajectory.npz"
@@ -109,6 +112,39 @@ def metrics_header(folder: Union[str, Path]) -> list[str]:
         return []
     with open(path, newline="") as f:
         return next(csv.reader(f), [])
+
+
+def read_metrics(metrics_csv: Union[str, Path]) -> list[dict[str, float]]:
+    """The rows of a Lightning ``metrics.csv``, numbers parsed, empty and non-numeric cells dropped."""
+    rows = []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            parsed = {}
+            for key, value in row.items():
+                if key and value not in (None, ""):
+                    try:
+                        parsed[key] = float(value)
+                    except ValueError:
+                        pass
+            rows.append(parsed)
+    return rows
+
+
+def last_values(metrics_csv: Union[str, Path]) -> dict[str, float]:
+    """The last logged value of every column of a Lightning ``metrics.csv``."""
+    last: dict[str, float] = {}
+    for row in read_metrics(metrics_csv):
+        last.update(row)
+    return last
+
+
+def read_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """A run's ``hparams.yaml`` or ``config.yaml`` (``{}`` when absent). Lightning writes tuples
+    (``input_shape``) as python tags; ``FullLoader`` reads them and runs no code."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return yaml.load(f, Loader=yaml.FullLoader) or {}
 
 
 def read_trajectory(path: Union[str, Path], option: str = "--trajectory") -> dict[str, np.ndarray]:

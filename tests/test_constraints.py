@@ -285,7 +285,7 @@ def test_ddp_counts_equal_single_process(tmp_path):
 def test_mnist_parity_config_counts_constraints(mnist_root, tmp_path, monkeypatch):
     """configs/experiments/jamming_mnist.yaml runs (shrunk) and logs the counts on P = 100 parity digits."""
     from overparam.cli import main
-    from overparam.commands.report import last_values
+    from overparam.runs import last_values
 
     monkeypatch.chdir(tmp_path)
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "experiments", "jamming_mnist.yaml")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from overparam.commands.report import crossing, estimate_nstar, jamming, last_values
+from overparam.commands.report import crossing, estimate_nstar, jamming
+from overparam.runs import last_values
 from overparam.errors import ConfigError
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "jamming_random.yaml"

@@ -29,7 +29,7 @@ from overparam.callbacks import (
     InterpolationBarrier,
     SharpnessTracker,
 )
-from overparam.commands.report import last_values
+from overparam.runs import last_values
 from overparam.curvature import HessianOperator, adam_preconditioner, block_indices, dense_hessian, eigvalsh, parameter_blocks
 from overparam.errors import ConfigError
 from overparam.functional import flatten, unflatten

@@ -36,10 +36,10 @@ import yaml
 from overparam import landscape
 from overparam.errors import ConfigError
 from overparam.functional import FunctionalView
+from overparam.parser_errors import LINKED
 from overparam.progress import Progress
 from overparam.runs import read_checkpoint
 
-LINKED = ("input_shape", "num_outputs", "num_train")
 # DataModule args that change how a run trained, not which points it saw (LB vs SB runs).
 DATA_ARGS_NOT_COMPARED = ("batch_size", "eval_batch_size", "analysis_size")
 

@@ -38,8 +38,8 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
+from overparam.runs import CONFIG_FILE, HPARAMS_FILE, METRICS_FILE, last_values, read_yaml
 from overparam.errors import ConfigError
 
 BOOTSTRAP = 400  # resamples for the uncertainty of N*; 400 puts the percentile noise well under the seed spread
@@ -53,33 +53,11 @@ def find_runs(root: str) -> list[str]:
     return sorted(dirpath for dirpath, _, files in os.walk(root) if "metrics.csv" in files)
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as fh:
-        # hparams.yaml holds python tuples (input_shape); FullLoader reads them, runs no code.
-        return yaml.load(fh, Loader=yaml.FullLoader) or {}
-
-
-def last_values(path: str) -> dict[str, float]:
-    """The last non-empty value of every column of a Lightning ``metrics.csv``."""
-    last: dict[str, float] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            for key, value in row.items():
-                if key and value not in (None, ""):
-                    try:
-                        last[key] = float(value)
-                    except ValueError:
-                        pass
-    return last
-
-
 def read_run(folder: str) -> list[dict[str, Any]]:
     """One sample per member of the run in ``folder`` (empty if it never counted constraints)."""
-    hparams = _load_yaml(os.path.join(folder, "hparams.yaml"))
-    config = _load_yaml(os.path.join(folder, "config.yaml"))
-    metrics = last_values(os.path.join(folder, "metrics.csv"))
+    hparams = read_yaml(os.path.join(folder, HPARAMS_FILE))
+    config = read_yaml(os.path.join(folder, CONFIG_FILE))
+    metrics = last_values(os.path.join(folder, METRICS_FILE))
     if "constraints/N_delta" not in metrics or "N" not in hparams:
         return []
     N, P, K = int(hparams["N"]), int(hparams.get("P", 0)), int(hparams.get("K", 1))

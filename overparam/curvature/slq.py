@@ -63,10 +63,14 @@ class SLQResult:
     dim: int
 
 
+def rademacher_signs(dim: int, generator: torch.Generator) -> Tensor:
+    """``dim`` independent +-1 entries (float64, CPU) from ``generator``: the same on every rank."""
+    return torch.randint(0, 2, (dim,), generator=generator).to(torch.float64).mul_(2).sub_(1)
+
+
 def rademacher(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """A unit Rademacher probe z / sqrt(N) from a seeded CPU generator (same on every rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randint(0, 2, (dim,), generator=generator).to(torch.float64).mul_(2).sub_(1)
+    z = rademacher_signs(dim, torch.Generator().manual_seed(seed))
     return (z / dim**0.5).to(device=device, dtype=dtype)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from overparam import seeds
 from overparam.curvature.lanczos import MatVec
+from overparam.curvature.slq import rademacher_signs
 
 #: probes. Default 10: cheap next to a Lanczos run; the standard error is reported with the
 #: estimate so a user can see whether more probes are needed.
@@ -41,9 +42,7 @@ def hutchinson(
     """Estimate tr A from ``num_probes`` products with Rademacher vectors."""
     samples = torch.zeros(num_probes, dtype=torch.float64)
     for i in range(num_probes):
-        generator = seeds.trace_probe(seed, i)
-        z = torch.randint(0, 2, (dim,), generator=generator).to(torch.float64).mul_(2).sub_(1)
-        z = z.to(device=device, dtype=dtype)
+        z = rademacher_signs(dim, seeds.trace_probe(seed, i)).to(device=device, dtype=dtype)
         samples[i] = torch.dot(matvec(z).to(torch.float64), z.to(torch.float64))
     stderr = float(samples.std() / num_probes**0.5) if num_probes > 1 else float("nan")
     return TraceEstimate(float(samples.mean()), stderr, samples)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import subprocess
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import yaml
 
+from overparam.runs import HPARAMS_FILE, METRICS_FILE, read_metrics, read_yaml
 from overparam.errors import ConfigError
 from overparam.progress import format_seconds, interval_from_env
 
@@ -86,11 +85,7 @@ def _last_line(path: Path, keep: Callable[[str], Any]) -> Optional[str]:
 
 def metrics(run: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.csv`` with numbers parsed (empty cells dropped)."""
-    rows = []
-    with open(run / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return rows
+    return read_metrics(run / METRICS_FILE)
 
 
 def last(run: Path, key: str) -> float:
@@ -102,7 +97,7 @@ def last(run: Path, key: str) -> float:
 
 
 def hparams(run: Path) -> dict[str, Any]:
-    return yaml.safe_load((run / "hparams.yaml").read_text())
+    return read_yaml(run / HPARAMS_FILE)
 
 
 def seconds(run: Path) -> float:
