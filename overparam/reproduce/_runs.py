@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib import resources
 import shutil
 import subprocess
 import sys
@@ -15,14 +16,12 @@ from overparam.runs import HPARAMS_FILE, METRICS_FILE, read_metrics, read_yaml
 from overparam.errors import ConfigError
 from overparam.progress import format_seconds, interval_from_env
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
 def config_path(relative: str) -> str:
-    """A config shipped in ``configs/`` (source checkout) as an absolute path."""
-    path = REPO_CONFIGS / relative
+    """A shipped config (``configs/`` of the checkout, ``overparam/configs/`` in a wheel) as an
+    absolute path; ``relative`` as under ``configs/``, e.g. ``experiments/lb_vs_sb.yaml``."""
+    path = resources.files("overparam.configs").joinpath(relative)
     if not path.is_file():
-        raise ConfigError(f"config {relative!r} not found under {REPO_CONFIGS}; run from a source checkout")
+        raise ConfigError(f"config {relative!r} is not among the configs shipped with overparam ({path})")
     return str(path)
 
 
