@@ -42,6 +42,7 @@ from overparam.constraints import JAMMED, SAT, JammingVerdict, constraint_sums, 
 from overparam.distributed import all_reduce_sum, is_distributed
 from overparam.errors import ConfigError, check_fraction, check_positive
 from overparam.losses import margins
+from overparam.metrics import member_name
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
@@ -296,7 +297,7 @@ class ConstraintCounter(AnalysisCallback):
             metrics["sat_fraction"] = metrics.pop("sat")
             metrics["jammed_fraction"] = metrics.pop("jammed")
             for name, v in per_member.items():
-                metrics.update({f"{name}/member_{k}": float(v[k]) for k in range(K)})
+                metrics.update({member_name(name, k): float(v[k]) for k in range(K)})
         self.log_metrics(trainer, pl_module, metrics)
         self.history.append({"tag": tag, "epoch": trainer.current_epoch, "step": step, "N": N, "P": float(P[0]),
                              "N_delta": N_delta.tolist(), "errors": n_errors.tolist(), "loss": loss.tolist(),

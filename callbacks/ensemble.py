@@ -35,7 +35,7 @@ from torch import Tensor
 
 from overparam.callbacks.base import AnalysisCallback
 from overparam.errors import ConfigError
-from overparam.metrics import EnsembleStatistics
+from overparam.metrics import EnsembleStatistics, member_name
 
 SPLITS = ("val", "test")
 
@@ -124,7 +124,7 @@ class EnsembleEvaluation(AnalysisCallback):
         result = sums.compute()  # one all-reduce: every rank holds the global sums
         values = {f"{split}/ensemble_fluctuation": result["fluctuation"], f"{split}/ensemble_loss": result["ensemble_loss"]}
         for k, v in enumerate(result["member_fluctuation"].tolist()):
-            values[f"{split}/ensemble_fluctuation/member_{k}"] = v
+            values[member_name(f"{split}/ensemble_fluctuation", k)] = v
         pl_module.log_dict({n: torch.tensor(v, dtype=torch.float32) for n, v in values.items()}, sync_dist=False)
         if split == "test":
             self.save_npz(trainer, "test.npz", **{k: v for k, v in result.items()})

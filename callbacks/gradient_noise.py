@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from overparam import seeds
 from overparam.callbacks.base import AnalysisCallback
 from overparam.errors import ConfigError, check_positive
+from overparam.metrics import member_suffix
 from overparam.noise import (
     DEFAULT_LEVEL,
     MAX_G2_REL_SE,
@@ -233,7 +234,7 @@ class GradientNoise(AnalysisCallback):
         K = e.B_simple.numel()
         values = {}
         for k in range(K):
-            suffix = f"/member_{k}" if K > 1 else ""
+            suffix = member_suffix(k, K)
             values.update({
                 f"B_simple{suffix}": float(e.B_simple[k]), f"B_simple_se{suffix}": float(e.B_simple_se[k]),
                 f"G2{suffix}": float(e.G2[k]), f"trace_sigma{suffix}": float(e.trace_sigma[k]),
@@ -303,7 +304,7 @@ class GradientNoise(AnalysisCallback):
         for k, m in enumerate(view.members()):
             noise = gradient_noise_samples(m.fn, m.params, m.buffers, pl_module.loss_fn, full, P_sub, minibatches, b)
             alpha, per_layer = tail_indices(noise, self.K1)
-            suffix = f"/member_{k}" if view.ensemble_size > 1 else ""
+            suffix = member_suffix(k, view.ensemble_size)
             lo, hi = alpha.interval()
             values.update({f"alpha{suffix}": alpha.alpha, f"alpha_lo{suffix}": lo, f"alpha_hi{suffix}": hi})
             values.update({f"alpha/{name}{suffix}": a.alpha for name, a in per_layer.items()})

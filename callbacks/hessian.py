@@ -82,6 +82,7 @@ from overparam.curvature.outliers import count_outliers
 from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.progress import Progress
+from overparam.metrics import member_suffix
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
@@ -281,7 +282,7 @@ class HessianSpectrum(AnalysisCallback):
         results = [self._analyse_member(view.member(k), pl_module, batches, k, trainer.global_step) for k in range(K)]
         metrics: dict[str, float] = {}
         for k, result in enumerate(results):
-            suffix = f"/member_{k}" if K > 1 else ""
+            suffix = member_suffix(k, K)
             metrics.update({f"{key}{suffix}": value for key, value in result["scalars"].items()})
             self.history.append(
                 {
@@ -517,7 +518,7 @@ class HessianSpectrum(AnalysisCallback):
                 "unconverged": unconverged,
             }
             self.subspace_history.append(row)
-            suffix = f"/member_{k}" if K > 1 else ""
+            suffix = member_suffix(k, K)
             for key in ("fraction_full", "fraction_batch", "overlap"):
                 if not math.isnan(row[key]):
                     metrics[f"subspace_{key}{suffix}"] = row[key]

@@ -57,6 +57,7 @@ from overparam.curvature import (
 from overparam.curvature.blocks import LAYERS
 from overparam.curvature.sharpness import TRACK_TOL, Tracked
 from overparam.errors import ConfigError, check_choice, check_positive
+from overparam.metrics import member_suffix
 
 #: Optimizers whose preconditioner ``adam_preconditioner`` describes.
 ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
@@ -191,7 +192,7 @@ class SharpnessTracker(AnalysisCallback):
             row = self._measure_member(trainer, pl_module, optimizer, view, k, batches)
             row.update(step=step, epoch=trainer.current_epoch, lr=lr, threshold=threshold)
             self.history.append(row)
-            metrics.update(self._scalars(row, f"/member_{k}" if K > 1 else ""))
+            metrics.update(self._scalars(row, member_suffix(k, K)))
         self.log_metrics(trainer, pl_module, metrics)
         self._warn_unconverged(step)
 

@@ -1,4 +1,10 @@
-"""torchmetrics states for ensembles: per-member means, and the statistics of the ensemble average."""
+"""Metrics of ensembles: their names, per-member means, and the statistics of the ensemble average.
+
+Names: a quantity ``name`` of member k of a K-member ensemble is logged as ``name/member_k``;
+with K = 1 the bare ``name`` is the one network's value, and with K > 1 the bare name is the
+members' mean (or the ensemble's own quantity, e.g. ``test/ensemble_error``). ``member_suffix``
+and ``member_name`` write that convention, so every callback and reader spells it one way.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,16 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from overparam.losses import errors
+
+
+def member_name(name: str, member: int) -> str:
+    """``name/member_k``: member k's value of ``name``."""
+    return f"{name}/member_{member}"
+
+
+def member_suffix(member: int, num_members: int) -> str:
+    """The suffix of member k's metrics: ``/member_k``, or none for a single network (K = 1)."""
+    return f"/member_{member}" if num_members > 1 else ""
 
 
 class MemberMean(Metric):

@@ -37,7 +37,7 @@ from overparam.distributed import all_reduce_sum
 from overparam.errors import ConfigError, DivergenceError, check_choice, check_positive
 from overparam.functional import FunctionalView, ensemble_fn, module_fn, stack_members
 from overparam.losses import LOSS_NAMES, errors, get_loss
-from overparam.metrics import MemberMean
+from overparam.metrics import MemberMean, member_name
 from overparam.models import check_fits_in_memory, count_parameters
 
 SPLITS = ("train", "val", "test")
@@ -465,8 +465,8 @@ class Task(pl.LightningModule):
         if self.ensemble_size > 1:
             values[f"{split}/ensemble_error"] = self.metrics[f"{split}_ensemble_error"].compute()[0]
             for k in range(self.ensemble_size):
-                values[f"{split}/loss/member_{k}"] = loss_k[k]
-                values[f"{split}/error/member_{k}"] = error_k[k]
+                values[member_name(f"{split}/loss", k)] = loss_k[k]
+                values[member_name(f"{split}/error", k)] = error_k[k]
         self.log_dict({n: v.float() for n, v in values.items()}, prog_bar=False, sync_dist=False)
         for name in ("loss", "error", "ensemble_error"):
             self.metrics[f"{split}_{name}"].reset()

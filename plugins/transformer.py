@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.task import Task
+from overparam.metrics import member_name
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -191,5 +192,5 @@ class Transformer(Task):
         norms = self.weight_norms().float()
         values = {"weights/norm": norms.mean()}
         if self.ensemble_size > 1:
-            values.update({f"weights/norm/member_{k}": norms[k] for k in range(self.ensemble_size)})
+            values.update({member_name("weights/norm", k): norms[k] for k in range(self.ensemble_size)})
         self.log_dict(values, sync_dist=False)

@@ -41,6 +41,7 @@ import numpy as np
 
 from overparam.runs import CONFIG_FILE, HPARAMS_FILE, METRICS_FILE, last_values, read_yaml
 from overparam.errors import ConfigError
+from overparam.metrics import member_suffix
 
 BOOTSTRAP = 400  # resamples for the uncertainty of N*; 400 puts the percentile noise well under the seed spread
 
@@ -74,7 +75,7 @@ def read_run(folder: str) -> list[dict[str, Any]]:
     }
     samples = []
     for k in range(K):
-        suffix = f"/member_{k}" if K > 1 else ""
+        suffix = member_suffix(k, K)
         N_delta = metrics.get(f"constraints/N_delta{suffix}", math.nan)
         sat = metrics.get(f"constraints/sat{suffix}", float(N_delta == 0))
         jammed = metrics.get(f"constraints/jammed{suffix}", 0.0)
