@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from overparam.errors import ConfigError
-from overparam.reproduce import OBSERVATIONS
+from overparam.reproduce import OBSERVATIONS, title
 
 
 def main(argv: list[str]) -> int:
@@ -30,8 +30,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", default=None, help="training runs (default <out>/runs)")
     args = parser.parse_args(argv)
     if args.name == "list":
-        for name, module in OBSERVATIONS.items():
-            print(f"{name:19s}{importlib.import_module(module).TITLE}")
+        for name in OBSERVATIONS:
+            print(f"{name:19s}{title(name)}")
         return 0
     if args.name not in OBSERVATIONS:
         raise ConfigError(f"reproduce: unknown observation {args.name!r}; allowed: {', '.join(OBSERVATIONS)}")

@@ -6,6 +6,9 @@ scale on one GPU), writes its figures (PNG) into ``out`` and returns the numbers
 command saves as ``out/<name>.json`` and prints. ``_runs.fit`` runs one ``overparam fit``.
 """
 
+import ast
+import importlib.util
+
 OBSERVATIONS: dict[str, str] = {
     "edge_of_stability": "overparam.reproduce.edge_of_stability",
     "gd_vs_sgd": "overparam.reproduce.gd_vs_sgd",
@@ -18,3 +21,13 @@ OBSERVATIONS: dict[str, str] = {
     "mode_connectivity": "overparam.reproduce.mode_connectivity",
     "sgd_noise": "overparam.reproduce.sgd_noise",
 }
+
+
+def title(name: str) -> str:
+    """The ``TITLE`` of observation ``name``, read from its source without importing it (the
+    modules import torch and matplotlib: ``overparam reproduce list`` should not wait for them)."""
+    origin = importlib.util.find_spec(OBSERVATIONS[name]).origin
+    for node in ast.parse(open(origin).read()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TITLE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{OBSERVATIONS[name]} defines no TITLE")
