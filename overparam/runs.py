@@ -12,9 +12,11 @@ read its metrics, hyperparameters and config (the one reader for commands and ``
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,6 +25,7 @@ import torch
 import yaml
 
 from overparam.errors import ConfigError
+from overparam.parser_errors import LINKED
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -178,3 +181,84 @@ def read_trajectory(path: Union[str, Path], option: str = "--trajectory") -> dic
     if missing or arrays["params"].ndim != 3 or arrays["params"].shape[2] != int(arrays["numels"].sum()):
         raise ConfigError(f"{option}: {file} is not a TrajectorySnapshots file (missing {', '.join(missing) or 'a consistent (T, K, N) params array'})")
     return arrays
+
+
+@dataclass
+class Run:
+    """A finished run rebuilt from its checkpoint: the task (weights loaded) and its data."""
+
+    task: Any
+    datamodule: Any
+    checkpoint: str
+    config: dict
+    dtype: torch.dtype
+
+
+def resolve_run(spec: str, option: str) -> tuple[Path, Path]:
+    """``(checkpoint, config.yaml)`` of a run folder or a checkpoint file."""
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"{option}: {spec} does not exist; give a run folder (with checkpoints/last.ckpt and config.yaml) or a .ckpt file")
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise ConfigError(f"{option}: no checkpoints/last.ckpt in run folder {spec} (was it trained with checkpointing on?)")
+        run_dir = path
+    else:
+        ckpt = path
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{option}: no config.yaml in {run_dir} for checkpoint {ckpt}; the DataModule is rebuilt from it")
+    return ckpt, config
+
+
+def import_class(class_path: str, option: str) -> type:
+    """A class from its dotted path, or by short name from the installed plugins."""
+    if "." in class_path:
+        module_name, name = class_path.rsplit(".", 1)
+        try:
+            return getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{option}: cannot import {class_path} ({exc})") from None
+    from overparam.registry import load_plugins
+
+    for plugin in load_plugins().values():
+        if class_path in plugin.tasks + plugin.datamodules:
+            return getattr(importlib.import_module(plugin.module), class_path)
+    raise ConfigError(f"{option}: unknown class {class_path!r}")
+
+
+def load_run(spec: str, option: str, device: torch.device | str = "cpu") -> Run:
+    """Rebuild the task and DataModule of a finished run and load its weights.
+
+    Raises:
+        ConfigError: missing checkpoint or config, unreadable checkpoint, unknown classes.
+    """
+    ckpt_path, config_path = resolve_run(spec, option)
+    checkpoint = read_checkpoint(ckpt_path, option)
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    data_cfg = config.get("data") or {}
+    if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
+        raise ConfigError(f"{option}: {config_path} has no data.class_path")
+    datamodule = import_class(data_cfg["class_path"], f"{option} data")(**(data_cfg.get("init_args") or {}))
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "_class_path" in hparams:
+        task_cls = import_class(hparams.pop("_class_path"), f"{option} model")
+        hparams.pop("_instantiator", None)
+    else:
+        model_cfg = config.get("model") or {}
+        task_cls = import_class(model_cfg.get("class_path", ""), f"{option} model")
+        hparams = {**(model_cfg.get("init_args") or {}), **{k: getattr(datamodule, k) for k in LINKED}}
+    task = task_cls(**hparams)
+    task.setup_network()
+    try:
+        task.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"{option}: checkpoint {ckpt_path} does not fit {task_cls.__name__}: {' '.join(first[:3])[:300]}") from None
+    precision = str((config.get("trainer") or {}).get("precision") or "")
+    dtype = torch.float64 if precision.startswith("64") else torch.float32
+    task.to(device=device, dtype=dtype).eval()
+    return Run(task, datamodule, str(ckpt_path), config, dtype)

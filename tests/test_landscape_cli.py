@@ -181,7 +181,7 @@ def runs(tmp_path_factory):
 
 
 def test_callback_from_a_checkpoint_of_another_run(runs, tmp_path):
-    from overparam.commands.interpolate import load_run
+    from overparam.runs import load_run
 
     data = TeacherStudentData(input_dim=10, num_train=300, num_test=400, batch_size=64)
     task = TeacherStudent(width=16, input_shape=(10,), num_outputs=1, num_train=300, init_seed=7)

@@ -13,84 +13,34 @@ error and loss of f_bar = mean_k f_k, the mean member error and loss, the output
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from overparam.errors import ConfigError
+from overparam.runs import import_class, load_run, read_yaml
 
 LAST = os.path.join("checkpoints", "last.ckpt")
 
 
-def find_run(path: str) -> tuple[str, str]:
-    """``(checkpoint, config.yaml)`` of a run folder or of a checkpoint file inside one."""
-    if os.path.isdir(path):
-        ckpt, folder = os.path.join(path, LAST), path
-    else:
-        ckpt = path
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # <run>/checkpoints/x.ckpt
-    if not os.path.isfile(ckpt):
-        raise ConfigError(f"--ckpts: no checkpoint at {ckpt!r}; give a run folder holding {LAST} or a .ckpt file")
-    config = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(config):
-        raise ConfigError(f"--ckpts: no config.yaml in the run folder {folder!r} of {ckpt!r}")
-    return ckpt, config
-
-
-def resolve_class(class_path: str) -> type:
-    """A class from its full path, or by short name among the installed plugins' classes."""
-    if "." in class_path:
-        module, name = class_path.rsplit(".", 1)
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            raise ConfigError(f"unknown class {class_path!r}") from None
-    from overparam.registry import load_plugins
-
-    for plugin in load_plugins().values():
-        if class_path in plugin.tasks + plugin.datamodules:
-            return getattr(importlib.import_module(plugin.module), class_path)
-    raise ConfigError(f"unknown class {class_path!r}; `overparam plugins` lists the installed ones")
-
-
-def load_config(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
-
-
-def build_datamodule(section: dict[str, Any]) -> Any:
-    """A DataModule from a config's ``data: {class_path, init_args}`` section."""
-    if not isinstance(section, dict) or "class_path" not in section:
-        raise ConfigError("--data: the config has no data: section with a class_path")
-    return resolve_class(section["class_path"])(**(section.get("init_args") or {}))
-
-
-def load_task(ckpt: str, config: dict[str, Any], device: torch.device) -> Any:
-    """The trained task of one run, in eval mode (its class from ``model.class_path``)."""
-    cls = resolve_class(config["model"]["class_path"])
-    task = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
-    return task.eval()
-
-
-@torch.no_grad()
 def evaluate(ckpts: list[str], data_config: Optional[str], split: str, device: str, batch_size: int) -> dict[str, Any]:
     """Stack every run's member outputs on ``split`` and compute the ensemble statistics."""
     from overparam.metrics import EnsembleStatistics
 
-    runs = [find_run(p) for p in ckpts]
-    configs = [load_config(c) for _, c in runs]
-    data_section = load_config(data_config)["data"] if data_config else configs[0].get("data")
+    runs = [load_run(p, "--ckpts", device) for p in ckpts]
+    configs = [run.config for run in runs]
+    data_section = read_yaml(data_config).get("data") if data_config else configs[0].get("data")
     if not data_config:
         others = [c for c in configs[1:] if _data_key(c.get("data")) != _data_key(data_section)]
         if others:
             raise ConfigError("--ckpts: the runs were trained on different data; pass --data CONFIG.yaml to choose one")
-    datamodule = build_datamodule(data_section)
+    if not isinstance(data_section, dict) or "class_path" not in data_section:
+        raise ConfigError("--data: the config has no data: section with a class_path")
+    datamodule = import_class(data_section["class_path"], "--data")(**(data_section.get("init_args") or {}))
     dev = torch.device(device)
-    tasks = [load_task(ckpt, cfg, dev) for (ckpt, _), cfg in zip(runs, configs)]
+    tasks = [run.task for run in runs]
     dtype = next(tasks[0].parameters()).dtype
     outputs_of = {t.num_outputs for t in tasks}
     if len(outputs_of) != 1 or datamodule.num_outputs not in outputs_of:
@@ -110,7 +60,7 @@ def evaluate(ckpts: list[str], data_config: Optional[str], split: str, device: s
         outputs = torch.cat([t.member_outputs(x) for t in tasks])  # (K, B, C)
         sums.update(outputs, y)
     result = sums.compute()
-    result.update(runs=[c for c, _ in runs], members=K, N=[int(t.N) for t in tasks], split=split)
+    result.update(runs=[run.checkpoint for run in runs], members=K, N=[int(t.N) for t in tasks], split=split)
     return result
 
 

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from overparam import planes
-from overparam.commands.interpolate import _OneLineParser, evaluation_data, load_run, member_view, resolve_run
+from overparam.commands.interpolate import _OneLineParser, evaluation_data, member_view
 from overparam.errors import ConfigError
 from overparam.landscape import batchnorm_layers, check_same_shapes
 from overparam.plots import plot_plane_evaluation, save_figure
 from overparam.progress import Progress
-from overparam.runs import read_trajectory
+from overparam.runs import load_run, read_trajectory, resolve_run
 
 PROG = "overparam landscape"
 

@@ -30,7 +30,8 @@ SCALES = hessian_spectrum.SCALES
 
 def spectra(run: Path, steps: int = 90, seed: int = 0) -> dict[str, Any]:
     """SLQ nodes and weights of H, G and R and the bottom-3 of H at the run's end checkpoint."""
-    from overparam.commands.interpolate import load_run, member_view
+    from overparam.commands.interpolate import member_view
+    from overparam.runs import load_run
     from overparam.curvature import GGNOperator, HessianOperator, ResidualOperator, operator_eigsh, slq
 
     loaded = load_run(str(run), "ggn_split")

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from overparam.commands import landscape
-from overparam.commands.interpolate import evaluation_data, load_run, member_view
+from overparam.commands.interpolate import evaluation_data, member_view
+from overparam.runs import load_run
 from overparam.curvature import HessianOperator
 from overparam.plots import plot_plane_contours, plot_plane_surfaces, save_figure
 from overparam.reproduce import _runs
