@@ -33,12 +33,21 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from overparam.callbacks.base import FIT_END, AnalysisCallback, analysis_context
-from overparam.constraints import JAMMED, SAT, JammingVerdict, constraint_sums, delta_histograms, gap_tolerance, gaps
+from overparam.constraints import (
+    JAMMED,
+    SAT,
+    JammingVerdict,
+    constant_unsatisfied,
+    constraint_sums,
+    delta_histograms,
+    gap_tolerance,
+    gaps,
+)
 from overparam.distributed import all_reduce_sum, is_distributed
 from overparam.errors import ConfigError, check_fraction, check_positive
 from overparam.losses import margins
@@ -160,7 +169,7 @@ class ConstraintCounter(AnalysisCallback):
         """Count the current network (epoch end, fit start, fit end) with a pass of its own."""
         self._check(trainer, pl_module, tag, trainer.global_step, None)
         if tag == FIT_END:
-            self._write_verdict(trainer)
+            self._write_verdict(trainer, self._constant_unsatisfied(trainer, pl_module))
 
     # --- the count ------------------------------------------------------------------------
     def _own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
@@ -169,6 +178,18 @@ class ConstraintCounter(AnalysisCallback):
         for x, y in datamodule.analysis_batches("train", size=num_points):
             out = pl_module.member_outputs(x)  # (K, B, C)
             yield out, y, pl_module.loss_fn(out, y, reduction="none")
+
+    def _constant_unsatisfied(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int]:
+        """``constant_unsatisfied`` of every member on the whole training set (gathered across ranks)."""
+        with torch.no_grad():
+            shards = [(out, gaps(out, y)) for out, y, _ in self._own_pass(trainer, pl_module)]
+        K = pl_module.ensemble_size
+        outputs = torch.cat([o for o, _ in shards], dim=1) if shards else torch.zeros(K, 0, 1, device=pl_module.device)
+        delta = torch.cat([d for _, d in shards], dim=1) if shards else torch.zeros(K, 0, device=pl_module.device)
+        if is_distributed():  # points are split over ranks: gather them (fit end only)
+            outputs = torch.cat(gather_all_tensors(outputs.transpose(0, 1).contiguous()), dim=0).transpose(0, 1)
+            delta = _gather_points(delta)
+        return constant_unsatisfied(outputs, delta, self._gap_tol(pl_module)).tolist()
 
     def count(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -316,15 +337,25 @@ class ConstraintCounter(AnalysisCallback):
         self.log_histogram(trainer, "abs_delta_sat", counts_edges=(result["hist"][0, 1], self.edges))
 
     @rank_zero_only
-    def _write_verdict(self, trainer: pl.Trainer) -> None:
-        """``verdict.json``: per member the status, the final counts and why the run ended."""
+    def _write_verdict(self, trainer: pl.Trainer, constant: list[int]) -> None:
+        """``verdict.json``: per member the status, the final counts (with the unsatisfied points
+        in a dead region, ``constant_unsatisfied``) and why the run ended; a warning for a member
+        jammed by dead units."""
         if self.stopped_by_me:
             reason = "stopped by ConstraintCounter: " + ("every member SAT" if all(s == SAT for s in self.status) else "every member SAT or jammed")
         elif trainer.should_stop:
             reason = "stopped by another callback"
         else:
             reason = "reached max_epochs/max_steps"
-        members = [{"member": k, "status": s, **self.verdict.last[k]} for k, s in enumerate(self.status)]
+        members = [{"member": k, "status": s, **self.verdict.last[k], "N_delta_constant": constant[k]}
+                   for k, s in enumerate(self.status)]
+        dead = [k for k, s in enumerate(self.status) if s == JAMMED and constant[k] > 0]
+        if dead:
+            rank_zero_warn(
+                f"ConstraintCounter: member(s) {dead} jammed with {[constant[k] for k in dead]} unsatisfied points on "
+                "which the network is constant (a dead region: every ReLU path off, no gradient reaches them); "
+                "that is a stuck run, not the jamming of a network that uses all its parameters (verdict.json: N_delta_constant)"
+            )
         verdict = {
             "reason": reason, "members": members, "gap_tol": self._gap_tol(trainer.lightning_module),
             "min_rel_decrease": self.min_rel_decrease, "min_plateau_steps": self.min_plateau_steps,

@@ -93,6 +93,32 @@ def delta_histograms(delta: Tensor, edges: Tensor, gap_tol: float = 0.0) -> Tens
     return hist
 
 
+def constant_unsatisfied(outputs: Tensor, delta: Tensor, gap_tol: float = 0.0) -> Tensor:
+    """Per member, the largest group of unsatisfied points on which the network gives one output.
+
+    A ReLU network is exactly constant on the inputs where every path from the input is off (a
+    dead region): there its output is the last layer's bias, no gradient reaches the weights,
+    and the best it can do is the constant that fits the group's labels on average. A run
+    jammed with such a group (two or more points with bitwise equal outputs; other ties have
+    probability zero) is stuck by dead units, not by too few parameters: the jamming of the
+    papers is a network that uses all of its parameters.
+
+    Args:
+        outputs: ``(K, P, C)`` outputs of every member on the whole training set.
+        delta: ``(K, P)`` gaps (``gaps(outputs, y)``).
+        gap_tol: a constraint is unsatisfied when ``Delta > gap_tol``.
+
+    Returns:
+        ``(K,)`` int64: the size of the largest such group (0 when no two unsatisfied points tie).
+    """
+    sizes = []
+    for out, d in zip(outputs, delta):
+        unsat = out[d > gap_tol]
+        largest = int(torch.unique(unsat, dim=0, return_counts=True)[1].max()) if unsat.shape[0] > 1 else 0
+        sizes.append(largest if largest > 1 else 0)
+    return torch.tensor(sizes, dtype=torch.int64)
+
+
 class JammingVerdict:
     """SAT, jammed or running, per member, from counts taken as training goes (module docstring).
 

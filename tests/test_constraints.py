@@ -312,3 +312,34 @@ def test_sweep_files_point_at_their_config_and_its_keys(name):
         for part in key.split("."):
             assert part in node, f"{key} is not a key of {experiment}"
             node = node[part]
+
+
+def test_constant_unsatisfied_finds_a_dead_region():
+    """Unsatisfied points with bitwise equal outputs (a dead region) are counted; satisfied ties and distinct outputs are not."""
+    from overparam.constraints import constant_unsatisfied
+
+    y = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0])
+    outputs = torch.tensor([
+        [[-0.3], [-0.3], [-0.3], [2.0], [2.0]],   # three unsatisfied points at one output; the tie at 2.0 is satisfied
+        [[0.1], [0.2], [-0.5], [0.4], [3.0]],     # four unsatisfied points, all different
+    ], dtype=torch.float64)  # fmt: skip
+    assert constant_unsatisfied(outputs, gaps(outputs, y)).tolist() == [3, 0]
+
+
+def test_verdict_json_reports_points_stuck_in_a_dead_region(tmp_path):
+    """Every ReLU off on every input: the network is its output bias, jammed, and the verdict says why."""
+    data = TeacherStudentData(input_dim=3, num_train=20, num_test=10, target="random", batch_size="full")
+    task = TeacherStudent(width=4, loss="squared_hinge", input_shape=data.input_shape, num_outputs=1, num_train=20)
+    with torch.no_grad():
+        params = dict(task.named_parameters())
+        params["net.layers.1.weight"].zero_()
+        params["net.layers.1.bias"].fill_(-1.0)
+    counter = ConstraintCounter(every_n_epochs=None, every_n_steps=1, stop_when_jammed=True, min_plateau_steps=50)
+    trainer = pl.Trainer(max_steps=400, max_epochs=-1, precision="64-true", accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[counter], default_root_dir=tmp_path)  # fmt: skip
+    with pytest.warns(UserWarning, match="dead region"):
+        trainer.fit(task, datamodule=data)
+    verdict = json.loads(next(tmp_path.rglob("verdict.json")).read_text())
+    member = verdict["members"][0]
+    assert member["status"] == "jammed" and member["N_delta_constant"] == member["N_delta"] == 20
