@@ -169,7 +169,12 @@ class ConstraintCounter(AnalysisCallback):
         """Count the current network (epoch end, fit start, fit end) with a pass of its own."""
         self._check(trainer, pl_module, tag, trainer.global_step, None)
         if tag == FIT_END:
-            self._write_verdict(trainer, self._constant_unsatisfied(trainer, pl_module))
+            constant = self._constant_unsatisfied(trainer, pl_module)
+            values = {"N_delta_constant": float(sum(constant)) / len(constant)}
+            if len(constant) > 1:
+                values.update({member_name("N_delta_constant", k): float(c) for k, c in enumerate(constant)})
+            self.log_metrics(trainer, pl_module, values)
+            self._write_verdict(trainer, constant)
 
     # --- the count ------------------------------------------------------------------------
     def _own_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[tuple[Tensor, Tensor, Tensor]]:

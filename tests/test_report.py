@@ -91,7 +91,7 @@ def check_report(root: Path, widths: list[int]) -> dict:
 
 def test_report_on_a_small_real_sweep(tmp_path):
     """Two widths x one run of K = 3 vmapped seeds (P = 30): the narrow ones jam, the wide ones SAT."""
-    widths = [1, 24]
+    widths = [2, 24]
     run_sweep(tmp_path / "runs", widths, K=3, seeds=[0], P=30, max_steps=20_000)
     report = check_report(tmp_path / "runs", widths)
     # K > 1 runs carry the ensemble's test error and the members' own.
@@ -103,8 +103,27 @@ def test_report_on_a_width_sweep_with_seeds(tmp_path):
     """Five widths x two separate seeds x K = 2 (P = 40), and the ensemble of separate runs (--ensemble)."""
     from overparam.cli import main
 
-    widths = [1, 2, 4, 8, 32]
+    widths = [2, 3, 4, 8, 32]
     run_sweep(tmp_path / "runs", widths, K=2, seeds=[0, 1], P=40, max_steps=40_000)
     report = check_report(tmp_path / "runs", widths)
     print("\n".join(f"{g['N']:>6} {g['sat_fraction']:.2f} {g['N_delta_over_N']:.3f} {g['test_error']:.3f}" for g in report["groups"]))
     assert main(["report", "jamming", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--ensemble"]) == 0
+
+
+def test_a_run_stuck_in_a_dead_region_is_neither_sat_nor_jammed(tmp_path):
+    """Every unsatisfied point in a dead region (N_delta_constant = N_delta): counted apart, out of N*."""
+    from overparam.commands.report import read_run, summarise
+
+    run = tmp_path / "w4"
+    run.mkdir()
+    (run / "hparams.yaml").write_text("N: 45\nP: 100\nK: 2\n")
+    (run / "config.yaml").write_text("model:\n  init_args:\n    width: 4\n")
+    (run / "metrics.csv").write_text(
+        "epoch,constraints/N_delta,constraints/N_delta/member_0,constraints/N_delta/member_1,constraints/jammed/member_0,constraints/jammed/member_1,"
+        "constraints/sat/member_0,constraints/sat/member_1,constraints/N_delta_constant/member_0,constraints/N_delta_constant/member_1\n"
+        "3,8,7,9,1,1,0,0,7,2\n"
+    )
+    samples = read_run(str(run))
+    assert [s["status"] for s in samples] == ["stuck", "jammed"]  # member 1: 2 of its 9 in a dead region
+    (group,) = summarise(samples)
+    assert group["stuck"] == 1 and group["undecided"] == 0 and group["sat_fraction"] == 0.0

@@ -28,7 +28,7 @@ def check_phase(numbers: dict) -> None:
 def test_reduced_random_sweep(tmp_path):
     """Two widths x K = 3 vmapped seeds on P = 30 random labels (d = h)."""
     # Epochs of 50 steps: the lr endgame (10 epochs per decay, 7 decays) ends in ~4k steps.
-    reduced = {"random": dict(widths=[1, 12], K=3, data={"num_train": 30, "num_test": 200, "passes_per_epoch": 50},
+    reduced = {"random": dict(widths=[2, 12], K=3, data={"num_train": 30, "num_test": 200, "passes_per_epoch": 50},
                               max_steps=20_000, min_plateau_steps=200)}
     numbers = jamming.run("small", tmp_path / "out", tmp_path / "runs", settings=reduced, datasets=("random",))
     check_phase(numbers["random"])

@@ -7,7 +7,10 @@ member ``.../member_k`` when K > 1: each member is one sample), its verdict (``c
 and ``constraints/jammed``) and the last test errors (``test/error``, ``test/error/member_k``,
 ``test/ensemble_error``). A sample is SAT or jammed by the counter's verdict; a run that ended
 without one (the step budget ran out while it still improved) is *undecided*: it is counted
-and reported per group but left out of the SAT fraction and N*, which it would bias.
+and reported per group but left out of the SAT fraction and N*, which it would bias. So is a
+*stuck* sample: one that did not reach SAT and whose every unsatisfied point lies in a dead
+region, where the network is constant (``constraints/N_delta_constant`` = N_Delta, logged by
+ConstraintCounter at fit end): dead units, not too few parameters, stopped it.
 
 It writes into ``--out`` (default ``RUNS_DIR/report_jamming``):
 
@@ -79,6 +82,8 @@ def read_run(folder: str) -> list[dict[str, Any]]:
         N_delta = metrics.get(f"constraints/N_delta{suffix}", math.nan)
         sat = metrics.get(f"constraints/sat{suffix}", float(N_delta == 0))
         jammed = metrics.get(f"constraints/jammed{suffix}", 0.0)
+        constant = metrics.get(f"constraints/N_delta_constant{suffix}", 0.0)
+        stuck = sat != 1 and N_delta > 0 and constant == N_delta
         samples.append(
             {
                 **base,
@@ -88,7 +93,8 @@ def read_run(folder: str) -> list[dict[str, Any]]:
                 "N_delta_over_N": N_delta / N,
                 "train_loss": metrics.get(f"constraints/loss{suffix}", math.nan),
                 "sat": int(sat == 1),
-                "status": "sat" if sat == 1 else ("jammed" if jammed == 1 else "undecided"),
+                "N_delta_constant": constant,
+                "status": "sat" if sat == 1 else ("stuck" if stuck else ("jammed" if jammed == 1 else "undecided")),
                 "test_error": metrics.get(f"test/error{suffix}", math.nan),
             }
         )
@@ -147,14 +153,15 @@ def summarise(samples: list[dict[str, Any]], ensemble: Optional[dict[tuple[int, 
         ens = [s["ensemble_error"] for s in {s["run"]: s for s in group}.values() if not math.isnan(s["ensemble_error"])]
         if ensemble and (P, N) in ensemble:
             ens.append(ensemble[(P, N)])
-        decided = [s for s in group if s["status"] != "undecided"]
+        decided = [s for s in group if s["status"] in ("sat", "jammed")]
         rows.append(
             {
                 "P": P,
                 "N": N,
                 "N_over_P": N / P if P else math.nan,
                 "samples": len(group),
-                "undecided": len(group) - len(decided),
+                "undecided": sum(s["status"] == "undecided" for s in group),
+                "stuck": sum(s["status"] == "stuck" for s in group),
                 "sat_fraction": float(np.mean([s["sat"] for s in decided])) if decided else math.nan,
                 "N_delta_over_N": float(np.mean([s["N_delta_over_N"] for s in group])),
                 "test_error": float(np.nanmean(errors)) if np.isfinite(errors).any() else math.nan,
@@ -258,7 +265,7 @@ def jamming(runs_dir: str, out: Optional[str] = None, ensemble: bool = False) ->
     for P in sorted({s["P"] for s in samples}):
         flags: dict[int, list[int]] = defaultdict(list)
         for s in samples:
-            if s["P"] == P and s["status"] != "undecided":
+            if s["P"] == P and s["status"] in ("sat", "jammed"):
                 flags[s["N"]].append(s["sat"])
         est = estimate_nstar(flags)
         nstars.append({"P": P, **est, "N_star_over_P": est["N_star"] / P if P else math.nan})
@@ -271,10 +278,10 @@ def jamming(runs_dir: str, out: Optional[str] = None, ensemble: bool = False) ->
 
 def _format(report: dict[str, Any]) -> str:
     lines = [f"{len(report['samples'])} samples in {len({s['run'] for s in report['samples']})} runs"]
-    lines.append(f"{'P':>7} {'N':>8} {'N/P':>8} {'n':>3} {'undec':>5} {'SAT':>5} {'N_D/N':>8} {'test err':>9} {'ens err':>8}")
+    lines.append(f"{'P':>7} {'N':>8} {'N/P':>8} {'n':>3} {'undec':>5} {'stuck':>5} {'SAT':>5} {'N_D/N':>8} {'test err':>9} {'ens err':>8}")
     for g in report["groups"]:
         lines.append(
-            f"{g['P']:>7} {g['N']:>8} {g['N_over_P']:>8.3g} {g['samples']:>3} {g['undecided']:>5} {g['sat_fraction']:>5.2f} "
+            f"{g['P']:>7} {g['N']:>8} {g['N_over_P']:>8.3g} {g['samples']:>3} {g['undecided']:>5} {g['stuck']:>5} {g['sat_fraction']:>5.2f} "
             f"{g['N_delta_over_N']:>8.3g} {g['test_error']:>9.4f} {g['ensemble_test_error']:>8.4f}"
         )
     for ns in report["nstar"]:
