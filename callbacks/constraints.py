@@ -188,9 +188,11 @@ class ConstraintCounter(AnalysisCallback):
         """``constant_unsatisfied`` of every member on the whole training set (gathered across ranks)."""
         with torch.no_grad():
             shards = [(out, gaps(out, y)) for out, y, _ in self._own_pass(trainer, pl_module)]
-        K = pl_module.ensemble_size
-        outputs = torch.cat([o for o, _ in shards], dim=1) if shards else torch.zeros(K, 0, 1, device=pl_module.device)
-        delta = torch.cat([d for _, d in shards], dim=1) if shards else torch.zeros(K, 0, device=pl_module.device)
+        K, dtype, device = pl_module.ensemble_size, next(pl_module.parameters()).dtype, pl_module.device
+        # a rank without points (more ranks than points) still joins the gather with empty tensors
+        empty_out = torch.zeros(K, 0, pl_module.num_outputs, dtype=dtype, device=device)
+        outputs = torch.cat([o for o, _ in shards], dim=1) if shards else empty_out
+        delta = torch.cat([d for _, d in shards], dim=1) if shards else torch.zeros(K, 0, dtype=dtype, device=device)
         if is_distributed():  # points are split over ranks: gather them (fit end only)
             outputs = torch.cat(gather_all_tensors(outputs.transpose(0, 1).contiguous()), dim=0).transpose(0, 1)
             delta = _gather_points(delta)
@@ -354,12 +356,14 @@ class ConstraintCounter(AnalysisCallback):
             reason = "reached max_epochs/max_steps"
         members = [{"member": k, "status": s, **self.verdict.last[k], "N_delta_constant": constant[k]}
                    for k, s in enumerate(self.status)]
-        dead = [k for k, s in enumerate(self.status) if s == JAMMED and constant[k] > 0]
+        dead = [k for k, s in enumerate(self.status) if s != SAT and constant[k] > 0]
         if dead:
+            counts = ", ".join(f"member {k}: {constant[k]} of {self.verdict.last[k]['N_delta']:.0f}" for k in dead)
             rank_zero_warn(
-                f"ConstraintCounter: member(s) {dead} jammed with {[constant[k] for k in dead]} unsatisfied points on "
-                "which the network is constant (a dead region: every ReLU path off, no gradient reaches them); "
-                "that is a stuck run, not the jamming of a network that uses all its parameters (verdict.json: N_delta_constant)"
+                f"ConstraintCounter: unsatisfied points on which the network is constant, a dead region where every "
+                f"ReLU path is off and no gradient reaches them ({counts}). A run whose every unsatisfied point is "
+                "there is stuck by dead units, not jammed: `overparam report jamming` counts it apart (verdict.json: "
+                "N_delta_constant)"
             )
         verdict = {
             "reason": reason, "members": members, "gap_tol": self._gap_tol(trainer.lightning_module),

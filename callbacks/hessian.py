@@ -82,7 +82,7 @@ from overparam.curvature.outliers import count_outliers
 from overparam.curvature.slq import DEFAULT_PROBES, DEFAULT_STEPS
 from overparam.errors import ConfigError, check_choice, check_positive
 from overparam.progress import Progress
-from overparam.metrics import member_suffix
+from overparam.metrics import member_name, member_suffix
 
 if TYPE_CHECKING:
     from overparam.task import StepRecord
@@ -309,10 +309,10 @@ class HessianSpectrum(AnalysisCallback):
                 for k in range(K):
                     filename = f"{tag}.png" if K == 1 else f"{tag}_member{k}.png"
                     path = self._plot(trainer, k, tag, filename)
-                    self.log_image(trainer, "spectrum" if K == 1 else f"spectrum/member_{k}", path)
+                    self.log_image(trainer, "spectrum" if K == 1 else member_name("spectrum", k), path)
                     if results[k]["blocks"]:
                         path = self._plot_blocks(trainer, results[k], filename.replace(".png", "_blocks.png"))
-                        self.log_image(trainer, "blocks" if K == 1 else f"blocks/member_{k}", path)
+                        self.log_image(trainer, "blocks" if K == 1 else member_name("blocks", k), path)
 
     def _progress(self, pl_module: pl.LightningModule, what: str) -> Optional[Progress]:
         """Progress lines of one long computation, on rank 0 only (``overparam.progress``)."""

@@ -1,9 +1,12 @@
 """Metrics of ensembles: their names, per-member means, and the statistics of the ensemble average.
 
-Names: a quantity ``name`` of member k of a K-member ensemble is logged as ``name/member_k``;
-with K = 1 the bare ``name`` is the one network's value, and with K > 1 the bare name is the
-members' mean (or the ensemble's own quantity, e.g. ``test/ensemble_error``). ``member_suffix``
-and ``member_name`` write that convention, so every callback and reader spells it one way.
+Names: a per-member quantity ``name`` of member k of a K-member ensemble is logged as
+``name/member_k``; with K = 1 the bare ``name`` is the one network's value. With K > 1 a bare
+name, where one is logged, is the members' mean (``train/loss``) or the ensemble's own quantity
+(``test/ensemble_error``). ``member_suffix`` and ``member_name`` write that convention for the
+scalars of the Task, the callbacks and the report. (Analyses of a pair of members, such as
+``InterpolationBarrier``'s ``barriers_init/member_k/...``, and ``LossSurface``'s per-member
+prefix name a folder-like group instead.)
 """
 
 from __future__ import annotations

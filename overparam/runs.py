@@ -237,8 +237,7 @@ def load_run(spec: str, option: str, device: torch.device | str = "cpu") -> Run:
     """
     ckpt_path, config_path = resolve_run(spec, option)
     checkpoint = read_checkpoint(ckpt_path, option)
-    with open(config_path) as f:
-        config = yaml.safe_load(f) or {}
+    config = read_yaml(config_path)
     data_cfg = config.get("data") or {}
     if not isinstance(data_cfg, dict) or "class_path" not in data_cfg:
         raise ConfigError(f"{option}: {config_path} has no data.class_path")

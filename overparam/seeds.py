@@ -4,7 +4,11 @@ Each use draws from its own CPU ``torch.Generator``: a CPU generator gives the s
 every device and every DDP rank, and a stream of its own means that changing one option (the
 label noise, the analysis size, the number of probes) does not reshuffle the others. The
 derivations are the ones the project has always used, so runs stay bit-identical across
-versions; the multipliers and offsets are primes chosen only to keep streams apart.
+versions; the multipliers and offsets are primes chosen to keep streams apart. Two pairs
+coincide for the same integer seed, harmlessly, since each pair draws different things from it:
+``analysis_subset(s)`` and ``trace_probe(s, 0)``, ``lanczos_restarts(s)`` and
+``noise_minibatches(s, 0)``. Seeds a user gives directly (``init_seed``, a direction's or a
+probe's ``seed``, ``coupling_seed``) are used as given and are not listed here.
 """
 
 from __future__ import annotations

@@ -126,7 +126,6 @@ def test_ensemble_command_averages_separate_runs(tmp_path, monkeypatch):
     """`overparam ensemble` on two CLI runs equals the hand-computed average of their outputs."""
     from overparam.cli import main
     from overparam.commands.ensemble import evaluate
-    from overparam.runs import load_run
 
     monkeypatch.chdir(tmp_path)
     common = ["fit", "--model", "TeacherStudent", "--model.width", "4", "--model.loss", "squared_hinge",
@@ -141,7 +140,8 @@ def test_ensemble_command_averages_separate_runs(tmp_path, monkeypatch):
     result = evaluate(folders, None, "test", "cpu", 16)  # chunks of 16: sums must not depend on chunking
     data = TeacherStudentData(input_dim=4, num_train=30, num_test=50)
     x, y = data.load_splits()["test"]
-    tasks = [load_run(f, "--ckpts").task for f in folders]
+    # the reference loads the runs Lightning's own way, not with the command's loader
+    tasks = [TeacherStudent.load_from_checkpoint(f + "/checkpoints/last.ckpt", weights_only=False).eval() for f in folders]
     outputs = torch.cat([t.member_outputs(x).detach() for t in tasks])  # (3, 50, 1)
     expected = ensemble_metrics(outputs, y, tasks[0].loss_fn)
     assert result["members"] == 3 and result["points"] == 50

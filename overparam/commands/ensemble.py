@@ -25,12 +25,15 @@ from overparam.runs import import_class, load_run, read_yaml
 LAST = os.path.join("checkpoints", "last.ckpt")
 
 
+@torch.no_grad()
 def evaluate(ckpts: list[str], data_config: Optional[str], split: str, device: str, batch_size: int) -> dict[str, Any]:
     """Stack every run's member outputs on ``split`` and compute the ensemble statistics."""
     from overparam.metrics import EnsembleStatistics
 
     runs = [load_run(p, "--ckpts", device) for p in ckpts]
     configs = [run.config for run in runs]
+    if data_config and not os.path.isfile(data_config):
+        raise ConfigError(f"--data: {data_config} does not exist")
     data_section = read_yaml(data_config).get("data") if data_config else configs[0].get("data")
     if not data_config:
         others = [c for c in configs[1:] if _data_key(c.get("data")) != _data_key(data_section)]

@@ -19,7 +19,11 @@ from overparam.progress import format_seconds, interval_from_env
 def config_path(relative: str) -> str:
     """A shipped config (``configs/`` of the checkout, ``overparam/configs/`` in a wheel) as an
     absolute path; ``relative`` as under ``configs/``, e.g. ``experiments/lb_vs_sb.yaml``."""
-    path = resources.files("overparam.configs").joinpath(relative)
+    try:
+        configs = resources.files("overparam.configs")
+    except ModuleNotFoundError:  # an editable install made before configs/ became a package
+        raise ConfigError("the shipped configs are not installed as overparam.configs; reinstall overparam (pip install -e .)") from None
+    path = configs.joinpath(relative)
     if not path.is_file():
         raise ConfigError(f"config {relative!r} is not among the configs shipped with overparam ({path})")
     return str(path)
