@@ -15,7 +15,8 @@ ConstraintCounter at fit end): dead units, not too few parameters, stopped it.
 It writes into ``--out`` (default ``RUNS_DIR/report_jamming``):
 
 * ``samples.csv`` (one row per run member), ``groups.csv`` (per (P, N): SAT fraction, mean
-  N_Delta/N, test errors of single nets and of the ensemble average), ``nstar.csv``;
+  N_Delta/N of the decided samples, test errors of single nets and of the ensemble average),
+  ``nstar.csv``;
 * ``ndelta.png``: N_Delta/N against P/N (Spigler et al. 2019, Fig. 2);
 * ``phase_diagram.png``: the fraction of SAT samples against N/P with N*/P marked;
 * ``test_error.png``: test error against N for single nets and for the ensemble average,
@@ -163,7 +164,8 @@ def summarise(samples: list[dict[str, Any]], ensemble: Optional[dict[tuple[int, 
                 "undecided": sum(s["status"] == "undecided" for s in group),
                 "stuck": sum(s["status"] == "stuck" for s in group),
                 "sat_fraction": float(np.mean([s["sat"] for s in decided])) if decided else math.nan,
-                "N_delta_over_N": float(np.mean([s["N_delta_over_N"] for s in group])),
+                # decided samples only: a stuck run's N_Delta counts dead points, an undecided one's is not final
+                "N_delta_over_N": float(np.mean([s["N_delta_over_N"] for s in decided])) if decided else math.nan,
                 "test_error": float(np.nanmean(errors)) if np.isfinite(errors).any() else math.nan,
                 "test_error_std": float(np.nanstd(errors)) if np.isfinite(errors).any() else math.nan,
                 "ensemble_test_error": float(np.mean(ens)) if ens else math.nan,

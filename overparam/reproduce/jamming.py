@@ -15,7 +15,7 @@ Two datasets:
 * ``mnist``: MNIST parity on whitened PCA components (``configs/experiments/jamming_mnist.yaml``):
   the test error vs N around N*, and the ensemble average past N*.
 
-``small`` runs on one CPU thread in minutes (random: P = 100, d = h, 6 widths; MNIST: P = 100,
+``small`` runs on one CPU thread in about half an hour (random: P = 100, d = h, 6 widths; MNIST: P = 100,
 8 widths; K = 4 seeds per width); ``full`` is the configs' grid (random: P = 600, d = h, the
 widths of ``configs/sweeps/jamming_random.yaml``; MNIST: P = 2,000 with the widths of
 ``configs/sweeps/jamming_mnist.yaml``; K = 8). Every run ends on ConstraintCounter's verdict
@@ -39,12 +39,15 @@ TITLE = "Jamming: N_Delta phase diagram, N*, test error vs N and the ensemble av
 
 # Per dataset: widths swept, K seeds per run (vmap), the data/optimizer overrides, the step budget
 # (an upper bound: ConstraintCounter's verdict ends each run) and the verdict's plateau window.
+# small: epochs of 50 steps, so the lr endgame (10 epochs per decay) ends within ~4k steps at P = 100.
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "small": {
         "random": dict(config="experiments/jamming_random.yaml", widths=[2, 3, 4, 5, 6, 8], K=4,
-                       data={"num_train": 100, "num_test": 1000}, lr=None, max_steps=100_000, min_plateau_steps=1000),
+                       data={"num_train": 100, "num_test": 1000, "passes_per_epoch": 50}, lr=None, max_steps=100_000,
+                       min_plateau_steps=1000),
         "mnist": dict(config="experiments/jamming_mnist.yaml", widths=[1, 2, 3, 4, 5, 6, 8, 16], K=4,
-                      data={"n_train": 100, "n_test": 2000}, lr=None, max_steps=100_000, min_plateau_steps=1000),
+                      data={"n_train": 100, "n_test": 2000, "passes_per_epoch": 50}, lr=None, max_steps=100_000,
+                      min_plateau_steps=1000),
     },
     "full": {
         "random": dict(config="experiments/jamming_random.yaml", widths=[6, 8, 9, 10, 11, 12, 14, 16], K=8,
