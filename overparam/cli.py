@@ -390,6 +390,8 @@ def _quiet_known_warnings() -> None:
         ".*isinstance\\(treespec, LeafSpec\\).*",
         # Task metrics are torchmetrics states already reduced across ranks before logging.
         r".*It is recommended to use `self.log\('(train|val|test)/.*sync_dist=True.*",
+        # The Task steps its schedulers itself and reads ReduceLROnPlateau's monitor from it.
+        r".*The lr scheduler dict contains the key\(s\) \['monitor'\], but the keys will be ignored.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

@@ -1,6 +1,7 @@
 """Sweep YAMLs: commands built exactly as the W&B agent builds them, and they train."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -102,3 +103,16 @@ def test_local_runner_writes_a_folder_per_point_and_resumes(tmp_path):
     assert list((runs / "model.width=4").rglob("metrics.csv"))
     second = run()
     assert "skip model.width=4: finished earlier" in second.stdout and "1 of 2 points to run" in second.stdout
+
+
+def test_a_sweeps_config_is_found_outside_the_checkout_or_is_one_error(tmp_path, monkeypatch):
+    """Points run in their own folders: `configs/...` becomes the shipped config's absolute path when
+    the sweep is started elsewhere, and a config that exists nowhere stops the sweep before it starts."""
+    from overparam.commands.sweep import local_command
+
+    monkeypatch.chdir(tmp_path)
+    command = local_command(["/usr/bin/env", "overparam", "fit", "--config", "configs/experiments/jamming_random.yaml", "--x=1"])
+    config = Path(command[command.index("--config") + 1])
+    assert config.is_absolute() and config.is_file() and config.name == "jamming_random.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: no such file"):
+        local_command(["/usr/bin/env", "overparam", "fit", "--config", "configs/experiments/nope.yaml"])

@@ -17,21 +17,37 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from importlib import resources
 from typing import Any
 
+from overparam.errors import ConfigError
 from overparam.progress import format_seconds
 from overparam.sweeps import command_for, expand, load_sweep, point_id
 
 DONE, FAILED = "DONE", "FAILED"
 
 
+def _config_file(path: str) -> str:
+    """A ``--config`` path as an absolute file: relative to here, else among the shipped configs
+    (``configs/X.yaml`` of a checkout is ``overparam/configs/X.yaml`` of an install)."""
+    if Path(path).is_file():
+        return str(Path(path).resolve())
+    shipped = resources.files("overparam.configs").joinpath(path.removeprefix("configs/"))
+    if shipped.is_file():
+        return str(shipped)
+    raise ConfigError(f"--config {path}: no such file here ({Path.cwd()}) nor among the configs shipped with overparam")
+
+
 def _absolute_paths(command: list[str]) -> list[str]:
     """Relative file arguments (the config) as absolute paths: each point runs in its own folder."""
     out = []
-    for part in command:
+    for i, part in enumerate(command):
         key, eq, value = part.partition("=")
         candidate = value if eq else part
-        if candidate and not candidate.startswith("-") and Path(candidate).is_file():
+        if (eq and key == "--config") or (i and command[i - 1] in ("--config", "-c")):
+            candidate = _config_file(candidate)
+            part = f"{key}={candidate}" if eq else candidate
+        elif candidate and not candidate.startswith("-") and Path(candidate).is_file():
             candidate = str(Path(candidate).resolve())
             part = f"{key}={candidate}" if eq else candidate
         out.append(part)
