@@ -32,6 +32,7 @@ from overparam import landscape
 from overparam.callbacks.base import AnalysisCallback, check_splits_and_size, split_batches
 from overparam.errors import ConfigError
 from overparam.functional import FunctionalView
+from overparam.runs import LAST_CHECKPOINT
 
 REFERENCES = ("init", "member")
 
@@ -177,7 +178,7 @@ class InterpolationBarrier(AnalysisCallback):
         """The reference checkpoint's tensors, named as in the functional view (matched by identity)."""
         path = self.reference
         if os.path.isdir(path):
-            path = os.path.join(path, "checkpoints", "last.ckpt")
+            path = os.path.join(path, LAST_CHECKPOINT)
         if not os.path.isfile(path):
             raise ConfigError(f"{type(self).__name__}.reference: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})

@@ -194,8 +194,7 @@ class ConstraintCounter(AnalysisCallback):
         outputs = torch.cat([o for o, _ in shards], dim=1) if shards else empty_out
         delta = torch.cat([d for _, d in shards], dim=1) if shards else torch.zeros(K, 0, dtype=dtype, device=device)
         if is_distributed():  # points are split over ranks: gather them (fit end only)
-            outputs = torch.cat(gather_all_tensors(outputs.transpose(0, 1).contiguous()), dim=0).transpose(0, 1)
-            delta = _gather_points(delta)
+            outputs, delta = _gather_points(outputs), _gather_points(delta)
         return constant_unsatisfied(outputs, delta, self._gap_tol(pl_module)).tolist()
 
     def count(
@@ -396,7 +395,7 @@ def _annealing(trainer: pl.Trainer) -> bool:
 
 
 def _gather_points(values: Tensor) -> Tensor:
-    """Every rank's ``(K, B_r)`` values concatenated along the points (rank order); identity on one process."""
+    """Every rank's ``(K, B_r, ...)`` values concatenated along the points (rank order); identity on one process."""
     if not is_distributed():
         return values
-    return torch.cat(gather_all_tensors(values.T.contiguous()), dim=0).T
+    return torch.cat(gather_all_tensors(values.transpose(0, 1).contiguous()), dim=0).transpose(0, 1)

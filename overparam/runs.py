@@ -31,6 +31,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"
 CHECKPOINT_FOLDER = "checkpoints"
+#: A run's latest state, ``LastCheckpoint``'s file, relative to the run folder.
+LAST_CHECKPOINT = os.path.join(CHECKPOINT_FOLDER, "last.ckpt")
 #: Where ``TrajectorySnapshots`` (its default name) keeps the parameter snapshots of a run.
 TRAJECTORY_FILE = Path("trajectory") / "trajectory.npz"
 TRAJECTORY_KEYS = ("step", "epoch", "params", "names", "numels")
@@ -200,7 +202,7 @@ def resolve_run(spec: str, option: str) -> tuple[Path, Path]:
     if not path.exists():
         raise ConfigError(f"{option}: {spec} does not exist; give a run folder (with checkpoints/last.ckpt and config.yaml) or a .ckpt file")
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.ckpt"
+        ckpt = path / LAST_CHECKPOINT
         if not ckpt.is_file():
             raise ConfigError(f"{option}: no checkpoints/last.ckpt in run folder {spec} (was it trained with checkpointing on?)")
         run_dir = path

@@ -22,7 +22,6 @@ import torch
 from overparam.errors import ConfigError
 from overparam.runs import import_class, load_run, read_yaml
 
-LAST = os.path.join("checkpoints", "last.ckpt")
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from overparam.runs import CONFIG_FILE, HPARAMS_FILE, METRICS_FILE, last_values, read_yaml
+from overparam.runs import CONFIG_FILE, HPARAMS_FILE, LAST_CHECKPOINT, METRICS_FILE, last_values, read_yaml
 from overparam.errors import ConfigError
 from overparam.metrics import member_suffix
 
@@ -243,11 +243,11 @@ def _save(fig: Any, path: str) -> str:
 
 def ensemble_of_seeds(samples: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
     """Test error of the average of each (P, N) group's separately trained K = 1 runs."""
-    from overparam.commands.ensemble import LAST, evaluate
+    from overparam.commands.ensemble import evaluate
 
     runs: dict[tuple[int, int], list[str]] = defaultdict(list)
     for s in samples:
-        if s["K"] == 1 and os.path.isfile(os.path.join(s["run"], LAST)):
+        if s["K"] == 1 and os.path.isfile(os.path.join(s["run"], LAST_CHECKPOINT)):
             runs[(s["P"], s["N"])].append(s["run"])
     return {key: evaluate(folders, None, "test", "cpu", 8192)["ensemble_error"] for key, folders in runs.items() if len(folders) > 1}
 
